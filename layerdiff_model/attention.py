@@ -1,0 +1,88 @@
+"""Layer-collaborative attention (LayerDiff paper, Sec. 3.2; DESIGN.md 2.2).
+
+Inserted in every SD1.5 transformer block after the global-prompt cross-attention (attn2):
+
+1. inter-layer attention: at each spatial position the S slots of one sample attend to each other
+   (``(b s) n c -> (b n) s c``), with a learned slot-role embedding added to the keys/queries so a slot knows
+   whether it is the background, foreground i or mask i;
+2. intra-layer cross-attention: each slot attends to its own layer prompt embedding (mask i reads foreground i's).
+
+Both are residual branches whose output projections are zero-initialised: untrained modules leave the UNet
+exactly unchanged. Shapes: x ``[(b s), n, c]`` with n = h*w tokens, layer context ``[(b s), t, d]``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """q [B, Lq, C], k/v [B, Lk, C] -> [B, Lq, C]."""
+    q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=heads) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return rearrange(out, "b h l d -> b l (h d)")
+
+
+class InterLayerAttention(nn.Module):
+    """Attention across the S slots of one sample at each spatial position."""
+
+    def __init__(self, width: int, heads: int, num_roles: int, dtype=None, device=None, operations=nn):
+        super().__init__()
+        self.heads = heads
+        self.norm = operations.LayerNorm(width, dtype=dtype, device=device)
+        self.role_embedding = nn.Parameter(torch.empty(num_roles, width, dtype=dtype, device=device))
+        self.to_qkv = operations.Linear(width, 3 * width, bias=False, dtype=dtype, device=device)
+        self.to_out = operations.Linear(width, width, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, roles: torch.Tensor, slots: int) -> torch.Tensor:
+        """x [(b s), n, c], roles [(b s)] long -> residual [(b s), n, c]."""
+        role = self.role_embedding.to(dtype=x.dtype)[roles]  # [(b s), c]
+        h = self.norm(x) + role[:, None, :]  # [(b s), n, c]
+        h = rearrange(h, "(b s) n c -> (b n) s c", s=slots)
+        q, k, v = self.to_qkv(h).chunk(3, dim=-1)
+        out = multi_head_attention(q, k, v, self.heads)  # [(b n), s, c]
+        out = rearrange(out, "(b n) s c -> (b s) n c", n=x.shape[1])
+        return self.to_out(out)
+
+
+class IntraLayerCrossAttention(nn.Module):
+    """Cross-attention of each slot to its own layer prompt embedding."""
+
+    def __init__(self, width: int, heads: int, context_dim: int, dtype=None, device=None, operations=nn):
+        super().__init__()
+        self.heads = heads
+        self.norm = operations.LayerNorm(width, dtype=dtype, device=device)
+        self.to_q = operations.Linear(width, width, bias=False, dtype=dtype, device=device)
+        self.to_k = operations.Linear(context_dim, width, bias=False, dtype=dtype, device=device)
+        self.to_v = operations.Linear(context_dim, width, bias=False, dtype=dtype, device=device)
+        self.to_out = operations.Linear(width, width, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, layer_context: torch.Tensor) -> torch.Tensor:
+        """x [(b s), n, c], layer_context [(b s), t, d] -> residual [(b s), n, c]."""
+        h = self.norm(x)
+        ctx = layer_context.to(dtype=h.dtype)
+        out = multi_head_attention(self.to_q(h), self.to_k(ctx), self.to_v(ctx), self.heads)
+        return self.to_out(out)
+
+
+class LayerCollaborativeBlock(nn.Module):
+    """Inter-layer attention followed by intra-layer cross-attention; returns the sum of both residuals."""
+
+    def __init__(self, width: int, heads: int, context_dim: int, num_roles: int, use_inter: bool = True,
+                 use_intra: bool = True, dtype=None, device=None, operations=nn):
+        super().__init__()
+        self.inter = InterLayerAttention(width, heads, num_roles, dtype, device, operations) if use_inter else None
+        self.intra = (IntraLayerCrossAttention(width, heads, context_dim, dtype, device, operations)
+                      if use_intra else None)
+
+    def forward(self, x: torch.Tensor, roles: torch.Tensor, slots: int, layer_context: torch.Tensor,
+                inter: bool = True, intra: bool = True) -> torch.Tensor:
+        """x [(b s), n, c] -> residual delta [(b s), n, c] (0 for disabled branches)."""
+        delta = torch.zeros_like(x)
+        if self.inter is not None and inter:
+            delta = delta + self.inter(x, roles, slots)
+        if self.intra is not None and intra:
+            delta = delta + self.intra(x + delta, layer_context)
+        return delta

@@ -1,0 +1,20 @@
+"""ComfyUI node classes of ComfyUI-LayerDiff (thin: check inputs, call the host adapter, return)."""
+from . import host_adapter
+from .nodes_conditioning import LayerDiffEnhancePrompts, LayerDiffPromptEncode
+from .nodes_model import LayerDiffApply, LayerDiffLoadWeights
+from .nodes_sampling import LayerDiffEmptyLatent, LayerDiffSMGSampler
+
+# Node ids are public API (saved in workflows): never rename them. Display names may change.
+_NODES = (
+    LayerDiffLoadWeights,
+    LayerDiffApply,
+    LayerDiffPromptEncode,
+    LayerDiffEnhancePrompts,
+    LayerDiffEmptyLatent,
+    LayerDiffSMGSampler,
+)
+
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in _NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: cls.DISPLAY_NAME for cls in _NODES}
+
+host_adapter.register_folders()

@@ -1,0 +1,29 @@
+"""The few ComfyUI calls whose signatures differ between the pinned 2024 ComfyUI and current 0.3.x.
+
+Everything version-dependent goes through this module (feature detection, never version-string parsing).
+"""
+from __future__ import annotations
+
+import comfy.samplers
+
+
+def calc_uncond(model, uncond, x, sigma, model_options):
+    """Run only the unconditional branch, as SAG does. Returns the denoised prediction."""
+    if hasattr(comfy.samplers, "calc_cond_batch"):  # 0.3.x
+        (out,) = comfy.samplers.calc_cond_batch(model, [uncond], x, sigma, model_options)
+        return out
+    out, _ = comfy.samplers.calc_cond_uncond_batch(model, uncond, None, x, sigma, model_options)  # 2024
+    return out
+
+
+def register_model_folder(name: str, extensions: set[str]) -> None:
+    """Register ComfyUI/models/<name>/ for a model type without clobbering paths users configured."""
+    import os
+
+    import folder_paths
+
+    if name in folder_paths.folder_names_and_paths:
+        paths, exts = folder_paths.folder_names_and_paths[name]
+        folder_paths.folder_names_and_paths[name] = (paths, set(exts) | set(extensions))
+        return
+    folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)], set(extensions))

@@ -1,0 +1,98 @@
+"""Nodes: empty layered latent and the SMG KSampler."""
+from __future__ import annotations
+
+import torch
+
+from ..layerdiff_model.errors import LayoutError
+from ..layerdiff_model.slots import num_slots
+from . import host_adapter
+
+CATEGORY = "LayerDiff/sampling"
+MAX_RESOLUTION = 8192
+
+
+class LayerDiffEmptyLatent:
+    DISPLAY_NAME = "LayerDiff Empty Layered Latent"
+    DESCRIPTION = ("An empty layered latent: per image one background, N foregrounds and N masks, each an ordinary "
+                   "SD latent on the batch axis.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "width": ("INT", {"default": 512, "min": 64, "max": MAX_RESOLUTION, "step": 8}),
+            "height": ("INT", {"default": 512, "min": 64, "max": MAX_RESOLUTION, "step": 8}),
+            "foregrounds": ("INT", {"default": 2, "min": 1, "max": 16, "tooltip":
+                "Number of foreground layers; connect the 'foregrounds' output of the prompt encoder."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Layered images to generate."}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "generate"
+    CATEGORY = CATEGORY
+
+    def generate(self, width, height, foregrounds, batch_size):
+        import comfy.model_management
+
+        rows = batch_size * num_slots(foregrounds)
+        samples = torch.zeros([rows, 4, height // 8, width // 8], device=comfy.model_management.intermediate_device())
+        return (host_adapter.make_layered_latent(samples, foregrounds),)
+
+
+class LayerDiffSMGSampler:
+    DISPLAY_NAME = "LayerDiff SMG KSampler"
+    DESCRIPTION = ("KSampler for layered latents with LayerDiff's self-mask guidance (SMG). SMG scale 0 is plain CFG.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import comfy.samplers
+
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A model patched by 'LayerDiff Apply'."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+            "steps": ("INT", {"default": 25, "min": 1, "max": 10000}),
+            "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS,),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS,),
+            "positive": ("CONDITIONING", {"tooltip": "Layered positive conditioning."}),
+            "negative": ("CONDITIONING", {"tooltip": "Layered negative conditioning."}),
+            "latent_image": ("LATENT", {"tooltip": "A layered latent ('LayerDiff Empty Layered Latent')."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "smg_scale": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip":
+                "Self-mask guidance strength. 0 = plain CFG (exactly)."}),
+            "smg_start_percent": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                "Warm-up: SMG starts after this fraction of the noise schedule, once masks have formed."}),
+            "smg_blur_sigma": ("FLOAT", {"default": 2.0, "min": 0.1, "max": 10.0, "step": 0.1, "tooltip":
+                "Blur (in latent pixels) applied to each foreground inside its own predicted mask."}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("Layered latent: VAE Decode it, then 'LayerDiff Split Layers'.",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+
+    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+               denoise=1.0, smg_scale=0.5, smg_start_percent=0.2, smg_blur_sigma=2.0):
+        import nodes as comfy_nodes
+
+        node = self.DISPLAY_NAME
+        info = host_adapter.layered_latent_info(latent_image, node)
+        n = int(info["num_foregrounds"])
+        state = host_adapter.patch_state(model, node)
+        for name, cond in (("positive", positive), ("negative", negative)):
+            layers = host_adapter.layers_of(cond, node, name)
+            if layers.num_foregrounds != n:
+                raise LayoutError(
+                    f"{node}: the latent has {n} foreground layers but '{name}' has {layers.num_foregrounds} "
+                    "foreground prompts. Connect the prompt encoder's 'foregrounds' output to the Empty Layered "
+                    "Latent, or give one prompt per layer."
+                )
+        max_fg = state.modules.config.max_foregrounds
+        if n > max_fg:
+            raise LayoutError(f"{node}: {n} foregrounds requested, these LayerDiff weights support at most {max_fg}.")
+        guided = host_adapter.with_self_mask_guidance(model, smg_scale, smg_start_percent, smg_blur_sigma, node)
+        (out,) = comfy_nodes.common_ksampler(guided, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                             latent_image, denoise=denoise)
+        names = host_adapter.layers_of(positive, node, "positive").prompts
+        out = dict(out)
+        out[host_adapter.LATENT_KEY] = dict(info, layer_names=list(names))
+        return (out,)

@@ -1,0 +1,156 @@
+"""Pure unit tests of the host-free model package (no ComfyUI)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from layerdiff_model import slots, smg
+from layerdiff_model.attention import multi_head_attention
+from layerdiff_model.conditioning import LayerPrompts, slot_context_rows, stack_layer_embeds
+from layerdiff_model.config import LayerDiffConfig, Site
+from layerdiff_model.errors import LayoutError, WeightsFileError
+from layerdiff_model.modules import LayerDiffModules
+from layerdiff_model.weights import load_config, load_modules, save_weights
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SITES = (Site("input", 1, 0, 32, 4), Site("middle", 0, 0, 64, 8))
+
+
+def make_modules(zero=True, seed=0, **kw):
+    return LayerDiffModules(LayerDiffConfig(sites=SITES, max_foregrounds=3, **kw)).initialize(seed, zero_outputs=zero)
+
+
+def test_model_package_imports_without_comfyui():
+    code = ("import sys; sys.modules['comfy'] = None; sys.modules['folder_paths'] = None;"
+            "import layerdiff_model.modules, layerdiff_model.weights, layerdiff_model.smg, layerdiff_model.conditioning")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_pack_unpack_round_trip_and_order():
+    b, n = 2, 3
+    bg = torch.arange(b).float().view(b, 1) * 100
+    fg = bg.view(b, 1, 1) + torch.arange(1, n + 1).float().view(1, n, 1)
+    mk = bg.view(b, 1, 1) + 10 + torch.arange(1, n + 1).float().view(1, n, 1)
+    rows = slots.pack(bg, fg, mk)
+    assert rows.shape == (b * 7, 1)
+    assert rows[:7, 0].tolist() == [0, 1, 2, 3, 11, 12, 13]
+    assert rows[7, 0].item() == 100
+    bg2, fg2, mk2 = slots.unpack(rows, n)
+    assert torch.equal(bg2, bg) and torch.equal(fg2, fg) and torch.equal(mk2, mk)
+    with pytest.raises(LayoutError, match="cannot be split"):
+        slots.unpack(rows[:-1], n)
+
+
+def test_roles_and_row_layout():
+    info = slots.slot_info_table(2).repeat(3, 1)  # ComfyUI tiles r % S
+    assert slots.rows_layout(info) == (2, 5)
+    assert slots.roles_for_rows(info, 4)[:5].tolist() == [0, 1, 2, 5, 6]
+    with pytest.raises(LayoutError, match="not whole layered samples"):
+        slots.rows_layout(info[1:])
+    with pytest.raises(LayoutError, match="at most 3"):
+        slots.slot_roles(4, 3)
+
+
+def test_zero_initialised_modules_are_identity():
+    m = make_modules(zero=True)
+    x = torch.randn(10, 16, 32)
+    info = slots.slot_info_table(2).repeat(2, 1)
+    delta = m.blocks["input_1_0"](x, slots.roles_for_rows(info, 3), 5, torch.randn(10, 7, 768))
+    assert torch.count_nonzero(delta) == 0
+    tokens = torch.randn(3, 7, 768)
+    assert torch.equal(m.enhance(tokens, torch.randn(1, 9, 768)), tokens)
+
+
+def test_inter_layer_attention_mixes_only_within_a_sample():
+    m = make_modules(zero=False, seed=1)
+    block = m.blocks["input_1_0"]
+    info = slots.slot_info_table(1).repeat(2, 1)  # 2 samples x 3 slots
+    roles = slots.roles_for_rows(info, 3)
+    x = torch.randn(6, 4, 32)
+    ctx = torch.randn(6, 5, 768)
+    base = block(x, roles, 3, ctx, intra=False)
+    x2 = x.clone()
+    x2[1] += torch.randn(4, 32)  # change sample 0's foreground
+    out = block(x2, roles, 3, ctx, intra=False)
+    assert not torch.allclose(out[0], base[0])  # sample 0's background sees it (inter-layer exchange)
+    assert torch.allclose(out[3:], base[3:])  # sample 1 untouched
+    no_inter = block(x2, roles, 3, ctx, inter=False, intra=True)
+    ref = block(x, roles, 3, ctx, inter=False, intra=True)
+    assert torch.allclose(no_inter[0], ref[0])  # without inter-layer attention slots are independent
+
+
+def test_token_repetition_leaves_attention_unchanged():
+    q, k, v = torch.randn(2, 5, 16), torch.randn(2, 7, 16), torch.randn(2, 7, 16)
+    a = multi_head_attention(q, k, v, 4)
+    b = multi_head_attention(q, k.repeat(1, 3, 1), v.repeat(1, 3, 1), 4)
+    assert torch.allclose(a, b, atol=1e-5)
+    embeds = (torch.randn(1, 77, 8), torch.randn(1, 154, 8))
+    assert stack_layer_embeds(embeds).shape == (2, 154, 8)
+    rows = slot_context_rows(LayerPrompts(("bg", "fg"), embeds))
+    assert rows.shape == (3, 154, 8)
+    assert torch.equal(rows[1], rows[2])  # the mask slot reads its foreground's prompt
+
+
+def test_weights_round_trip_and_metadata(tmp_path):
+    m = make_modules(zero=False, seed=2)
+    path = save_weights(tmp_path / "w.safetensors", m)
+    assert load_config(path) == m.config
+    loaded = load_modules(path)
+    for (k, a), (_, b) in zip(m.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temp file left
+
+
+def test_weights_errors(tmp_path):
+    with pytest.raises(WeightsFileError, match="not found"):
+        load_modules(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
+    with pytest.raises(WeightsFileError, match="corrupted"):
+        load_modules(bad)
+    good = save_weights(tmp_path / "good.safetensors", make_modules())
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-1000])
+    with pytest.raises(WeightsFileError, match="truncated or corrupted"):
+        load_modules(truncated)
+    from safetensors.torch import save_file
+    other = tmp_path / "lora.safetensors"
+    save_file({"x": torch.zeros(2)}, str(other))
+    with pytest.raises(WeightsFileError, match="not a LayerDiff weights file"):
+        load_modules(other)
+
+
+def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
+    import layerdiff_model.weights as w
+    target = tmp_path / "w.safetensors"
+    target.write_bytes(b"old")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(w, "save_file", boom)
+    with pytest.raises(OSError):
+        w.save_weights(target, make_modules())
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_smg_blurs_foregrounds_inside_their_masks_only():
+    n, b = 2, 1
+    x0 = torch.randn(b * 5, 4, 16, 16)
+    masks = torch.zeros(b, n, 1, 16, 16)
+    masks[0, 0, :, 4:12, 4:12] = 1
+    out = smg.degrade_foregrounds(x0, masks, n, 2.0)
+    changed = (out - x0).abs().sum(1) > 1e-6  # [rows, h, w]
+    assert not changed[0].any() and not changed[2].any() and not changed[3:].any()  # bg, fg2, masks untouched
+    assert changed[1, 4:12, 4:12].all() and not changed[1, :4].any()
+    cfg = torch.randn(5, 4, 16, 16)
+    assert torch.equal(smg.apply_guidance(cfg, x0, out, 0.0), cfg)
+
+
+def test_mask_readout_reads_grey_levels():
+    m = make_modules()
+    white = torch.tensor([0.3012, 0.3525, 0.0551, -0.3971]).view(1, 4, 1, 1) * 2  # ~ latent of a white image
+    readout = m.mask_readout
+    assert readout(white * 0 - white).mean() < 0.3 < 0.7 < readout(white).mean()

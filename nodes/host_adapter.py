@@ -164,8 +164,12 @@ class StashResidual(_PatchCallable):
     """middle_patch: remember the block's residual stream for the attn2 output patch of the same block."""
 
     def __call__(self, x, extra_options):
-        if RUN_KEY in extra_options:
-            extra_options[STASH_KEY] = x
+        if RUN_KEY not in extra_options:
+            raise LayerDiffError(
+                "LayerDiff: the UNet ran without LayerDiff's apply_model hook, so the layers cannot be told apart. "
+                "A node applied after 'LayerDiff Apply' replaced the model's apply_model; apply LayerDiff last."
+            )
+        extra_options[STASH_KEY] = x
         return x
 
 

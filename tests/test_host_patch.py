@@ -1,0 +1,157 @@
+"""The UNet patch and the SMG sampler through the real ComfyUI ModelPatcher and samplers (tiny SD1.5 model)."""
+import pytest
+import torch
+
+import comfy_host
+from layerdiff_host import adapter, empty_latent, encode, sample, tiny_model, tiny_modules
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def random_patched(tiny):
+    model, _, _ = tiny
+    return adapter().apply_patch(model, tiny_modules(model, random=True), "test")
+
+
+def _core_ksampler(model, positive, negative, latent, steps=3, cfg=5.0, seed=7):
+    import nodes
+    return nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+
+def test_zero_initialised_patch_reproduces_the_base_model_exactly(tiny):
+    model, clip, _ = tiny
+    pos, neg, n = encode(clip, ["a red circle", "a blue square"])
+    latent = empty_latent(n, batch=2)
+    base = _core_ksampler(model, pos, neg, latent)
+    patched = adapter().apply_patch(model, tiny_modules(model, random=False), "test")
+    out, _ = sample(patched, pos, neg, latent)
+    assert torch.equal(out, base)
+
+
+def test_patch_changes_output_and_leaves_input_model_untouched(tiny, random_patched):
+    model, clip, _ = tiny
+    pos, neg, n = encode(clip, ["a red circle"])
+    latent = empty_latent(n)
+    before = _core_ksampler(model, pos, neg, latent)
+    out, _ = sample(random_patched, pos, neg, latent)
+    assert (out - before).abs().max() > 1e-3
+    assert not adapter().is_patched(model)
+    assert torch.equal(_core_ksampler(model, pos, neg, latent), before)
+
+
+def _slots_after_prompt_change(model, clip, inter: bool):
+    a = adapter()
+    modules = tiny_modules(model, random=True, seed=3)
+    patched = a.apply_patch(model, modules, "test", inter=inter)
+    latent = empty_latent(2)
+    pos1, neg, _ = encode(clip, ["a red circle", "a blue square"])
+    pos2, _, _ = encode(clip, ["a green triangle", "a blue square"])
+    out1, _ = sample(patched, pos1, neg, latent, steps=2)
+    out2, _ = sample(patched, pos2, neg, latent, steps=2)
+    return (out1 - out2).flatten(1).abs().amax(1)  # per slot: [bg, fg1, fg2, m1, m2]
+
+
+def test_changing_one_layer_prompt_changes_its_slots_and_via_inter_layer_attention_the_others(tiny):
+    model, clip, _ = tiny
+    diff = _slots_after_prompt_change(model, clip, inter=True)
+    assert diff[1] > 1e-3 and diff[3] > 1e-3  # fg1 and its mask read the changed prompt
+    assert diff[0] > 1e-4 and diff[2] > 1e-4 and diff[4] > 1e-4  # the other layers see it through inter-layer attention
+    isolated = _slots_after_prompt_change(model, clip, inter=False)
+    assert isolated[1] > 1e-3 and isolated[3] > 1e-3
+    assert isolated[0] == 0 and isolated[2] == 0 and isolated[4] == 0  # no information exchange without it
+
+
+@pytest.mark.parametrize("foregrounds", [1, 3])
+def test_batched_samples_equal_samples_run_alone(tiny, random_patched, foregrounds):
+    """Slot order holds across a batch of samples and any foreground count: each sample of a batch of 2 matches
+    the same sample generated alone with the same noise."""
+    import comfy.sample
+    _, clip, _ = tiny
+    prompts = ["a red circle", "a blue square", "a green ring"][:foregrounds]
+    pos, neg, n = encode(clip, prompts)
+    s = 2 * n + 1
+    latent = empty_latent(n, batch=2)
+    noise = comfy.sample.prepare_noise(latent["samples"], 11)
+    both = comfy.sample.sample(random_patched, noise, 2, 5.0, "euler", "normal", pos, neg, latent["samples"],
+                               seed=11, disable_pbar=True)
+    for b in range(2):
+        rows = slice(b * s, (b + 1) * s)
+        alone = comfy.sample.sample(random_patched, noise[rows], 2, 5.0, "euler", "normal", pos, neg,
+                                    latent["samples"][rows], seed=11, disable_pbar=True)
+        torch.testing.assert_close(both[rows], alone, rtol=2e-3, atol=2e-3)  # float batching noise only
+
+
+def test_cond_and_uncond_in_separate_unet_calls_give_the_same_result(tiny, random_patched, monkeypatch):
+    """When ComfyUI cannot batch cond and uncond together (low memory), each chunk runs in its own call."""
+    _, clip, _ = tiny
+    pos, neg, n = encode(clip, ["a red circle", "a blue square"])
+    latent = empty_latent(n, batch=2)
+    together, _ = sample(random_patched, pos, neg, latent)
+    calls = []
+    inner = random_patched.object_patches["apply_model"].inner
+
+    def counting(x, t, *args, **kwargs):
+        calls.append(x.shape[0])
+        return inner(x, t, *args, **kwargs)
+
+    monkeypatch.setattr(random_patched.object_patches["apply_model"], "inner", counting)
+    monkeypatch.setattr(random_patched.model, "memory_required", lambda *a, **k: float("inf"))
+    apart, _ = sample(random_patched, pos, neg, latent)
+    assert calls and max(calls) == latent["samples"].shape[0]  # one chunk (cond or uncond) per call
+    # float sums differ slightly with batch size; a slot mix-up would differ by O(1)
+    torch.testing.assert_close(apart, together, rtol=2e-3, atol=2e-3)
+
+
+def test_prompts_of_different_lengths_and_long_prompts(tiny, random_patched):
+    _, clip, _ = tiny
+    long_prompt = ", ".join(["a very detailed red circle with a thin outline"] * 12)  # > 77 tokens
+    pos, neg, n = encode(clip, [long_prompt, "a square"], global_prompt=long_prompt)
+    out, _ = sample(random_patched, pos, neg, empty_latent(n))
+    assert torch.isfinite(out).all() and out.shape[0] == 5
+
+
+def test_smg_scale_zero_is_exactly_cfg_and_nonzero_changes_the_result(tiny, random_patched):
+    _, clip, _ = tiny
+    pos, neg, n = encode(clip, ["a red circle", "a blue square"])
+    latent = empty_latent(n)
+    cfg_only = _core_ksampler(random_patched, pos, neg, latent)
+    smg0, _ = sample(random_patched, pos, neg, latent, smg_scale=0.0)
+    assert torch.equal(smg0, cfg_only)
+    smg1, _ = sample(random_patched, pos, neg, latent, smg_scale=0.5, smg_start_percent=0.0)
+    assert torch.isfinite(smg1).all() and (smg1 - cfg_only).abs().max() > 1e-4
+
+
+def test_sampler_output_carries_layer_names(tiny, random_patched):
+    _, clip, _ = tiny
+    pos, neg, n = encode(clip, ["a red circle"], background="a blue wall")
+    _, out = sample(random_patched, pos, neg, empty_latent(n))
+    assert out["layerdiff"] == {"num_foregrounds": 1, "layer_names": ["a blue wall", "a red circle"]}
+
+
+def test_enhancer_is_identity_untrained_and_changes_layer_context_when_trained(tiny):
+    model, clip, _ = tiny
+    pos, neg, _ = encode(clip, ["a red circle"])
+    a = adapter()
+    same = a.enhance(pos, tiny_modules(model, random=False), "test")
+    key = a.CONTEXT_COND
+    assert torch.equal(same[0][1]["model_conds"][key].cond, pos[0][1]["model_conds"][key].cond)
+    changed = a.enhance(pos, tiny_modules(model, random=True), "test")
+    assert not torch.equal(changed[0][1]["model_conds"][key].cond, pos[0][1]["model_conds"][key].cond)
+    assert changed[0][1][a.LAYERS_KEY].enhanced and torch.equal(changed[0][0], pos[0][0])
+
+
+def test_controlnet_apply_on_global_conditioning_works_with_layered_sampling(tiny, random_patched):
+    import nodes
+    _, clip, _ = tiny
+    pos, neg, n = encode(clip, ["a red circle"])
+    latent = empty_latent(n)
+    control = nodes.ControlNetLoader().load_controlnet(comfy_host.ensure_tiny_controlnet())[0]
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    controlled = nodes.ControlNetApply().apply_controlnet(pos, control, hint, 1.0)[0]
+    plain, _ = sample(random_patched, pos, neg, latent)
+    with_cn, _ = sample(random_patched, controlled, neg, latent)
+    assert torch.isfinite(with_cn).all() and (with_cn - plain).abs().max() > 1e-4

@@ -47,6 +47,7 @@ class LayerDiffConfig:
     latent_channels: int = 4
     enhancer_depth: int = 2
     enhancer_heads: int = 8
+    enhancer_width: int = 0  # 0 = CLIP width (context_dim); smaller = bottleneck (e.g. small test/toy weights)
     use_inter_layer: bool = True
     use_intra_layer: bool = True
     use_enhancer: bool = True

@@ -40,15 +40,28 @@ class EnhancerLayer(nn.Module):
 
 
 class LayerPromptEnhancer(nn.Module):
-    def __init__(self, dim: int, depth: int, heads: int, dtype=None, device=None, operations=nn):
+    """``width`` < ``dim`` runs the layers in a narrower space (down-projection in, zero-initialised up-projection
+    out, as a residual); ``width == dim`` (the default, CLIP width) works on the embeddings directly."""
+
+    def __init__(self, dim: int, depth: int, heads: int, width: int | None = None, dtype=None, device=None,
+                 operations=nn):
         super().__init__()
-        self.layers = nn.ModuleList(EnhancerLayer(dim, heads, dtype, device, operations) for _ in range(depth))
+        width = width or dim
+        kw = dict(dtype=dtype, device=device)
+        self.project = width != dim
+        if self.project:
+            self.proj_in = operations.Linear(dim, width, **kw)
+            self.proj_global = operations.Linear(dim, width, **kw)
+            self.proj_out = operations.Linear(width, dim, **kw)
+        self.layers = nn.ModuleList(EnhancerLayer(width, heads, dtype, device, operations) for _ in range(depth))
 
     def forward(self, layer_tokens: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:
         """layer_tokens [L, t, d], global_tokens [L or 1, g, d] -> enhanced [L, t, d]."""
         dtype = layer_tokens.dtype
         x = layer_tokens
         g = global_tokens.to(dtype).expand(x.shape[0], -1, -1)  # [L, g, d]
+        if self.project:
+            x, g = self.proj_in(x), self.proj_global(g)  # [L, t, w], [L, g, w]
         for layer in self.layers:
             x = layer(x, g)
-        return x
+        return layer_tokens + self.proj_out(x) if self.project else x

@@ -28,7 +28,8 @@ class LayerDiffModules(nn.Module):
             for site in config.sites
         })
         self.enhancer = (LayerPromptEnhancer(config.context_dim, config.enhancer_depth, config.enhancer_heads,
-                                             dtype, device, operations) if config.use_enhancer else None)
+                                             config.enhancer_width or None, dtype, device, operations)
+                         if config.use_enhancer and config.enhancer_depth > 0 else None)
         self.mask_readout = MaskReadout(config.latent_channels, dtype, device, operations)
 
     @torch.no_grad()
@@ -65,7 +66,7 @@ class LayerDiffModules(nn.Module):
         return out.to(layer_tokens.device, layer_tokens.dtype)
 
 
-_OUTPUT_PROJECTIONS = ("inter.to_out.", "intra.to_out.", "self_out.", "cross_out.", "mlp_out.")
+_OUTPUT_PROJECTIONS = ("inter.to_out.", "intra.to_out.", "self_out.", "cross_out.", "mlp_out.", "enhancer.proj_out.")
 
 
 def _is_output_projection(param_name: str) -> bool:

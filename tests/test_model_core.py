@@ -154,3 +154,13 @@ def test_mask_readout_reads_grey_levels():
     white = torch.tensor([0.3012, 0.3525, 0.0551, -0.3971]).view(1, 4, 1, 1) * 2  # ~ latent of a white image
     readout = m.mask_readout
     assert readout(white * 0 - white).mean() < 0.3 < 0.7 < readout(white).mean()
+
+
+def test_narrow_enhancer_is_identity_at_init_and_small():
+    narrow = make_modules(zero=True, enhancer_width=64, enhancer_heads=4)
+    tokens = torch.randn(2, 7, 768)
+    assert torch.equal(narrow.enhance(tokens, torch.randn(1, 9, 768)), tokens)
+    full = make_modules(zero=True)
+    assert sum(p.numel() for p in narrow.enhancer.parameters()) < sum(p.numel() for p in full.enhancer.parameters()) / 10
+    changed = make_modules(zero=False, enhancer_width=64, enhancer_heads=4).enhance(tokens, torch.randn(1, 9, 768))
+    assert not torch.allclose(changed, tokens)

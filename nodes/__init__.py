@@ -1,6 +1,7 @@
 """ComfyUI node classes of ComfyUI-LayerDiff (thin: check inputs, call the host adapter, return)."""
 from . import host_adapter
 from .nodes_conditioning import LayerDiffEnhancePrompts, LayerDiffPromptEncode
+from .nodes_layers import LayerDiffComposeLayers, LayerDiffSaveLayers, LayerDiffSplitLayers
 from .nodes_model import LayerDiffApply, LayerDiffLoadWeights
 from .nodes_sampling import LayerDiffEmptyLatent, LayerDiffSMGSampler
 
@@ -12,6 +13,9 @@ _NODES = (
     LayerDiffEnhancePrompts,
     LayerDiffEmptyLatent,
     LayerDiffSMGSampler,
+    LayerDiffSplitLayers,
+    LayerDiffComposeLayers,
+    LayerDiffSaveLayers,
 )
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in _NODES}

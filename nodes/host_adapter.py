@@ -414,15 +414,36 @@ def layered_latent_info(latent: dict, node: str, input_name: str = "latent_image
 
     info = latent.get(LATENT_KEY) if isinstance(latent, dict) else None
     if not info:
+        rebuilt = isinstance(latent, dict) and "batch_index" in latent
         raise LayoutError(
             f"{node}: '{input_name}' is not a layered latent (it has no layer information). Start from "
-            "'LayerDiff Empty Layered Latent'; a latent node in between may have dropped the layer information."
+            "'LayerDiff Empty Layered Latent'; a latent node in between may have dropped the layer information"
+            + (" ('Rebatch Latents' rebuilds the latent without it: do not rebatch layered latents)." if rebuilt
+               else ".")
         )
     n = int(info["num_foregrounds"])
+    s = num_slots(n)
     rows = latent["samples"].shape[0]
-    if rows % num_slots(n) != 0:
+    if rows % s != 0:
         raise LayoutError(
-            f"{node}: '{input_name}' has {rows} rows, not a multiple of {num_slots(n)} slots (background + {n} "
-            "foregrounds + masks). A batch/crop node cut the layered batch; keep whole samples together."
+            f"{node}: '{input_name}' has {rows} rows, not a multiple of {s} slots (background + {n} "
+            "foregrounds + masks). A batch/crop node (e.g. 'Latent From Batch') cut the layered batch; keep whole "
+            f"samples together (batch_index and length multiples of {s})."
         )
+    _check_whole_samples(latent.get("batch_index"), rows, s, node, input_name)
     return info
+
+
+def _check_whole_samples(batch_index, rows: int, slots: int, node: str, input_name: str) -> None:
+    """Rows picked by core batch nodes carry their source row numbers in ``batch_index`` (Latent From Batch sets
+    it, Repeat Latent Batch / Latent Batch extend it). Row r must come from a source row with the same slot."""
+    if batch_index is None or len(batch_index) != rows:
+        return
+    bad = next((r for r, i in enumerate(batch_index) if int(i) % slots != r % slots), None)
+    if bad is not None:
+        raise LayoutError(
+            f"{node}: '{input_name}' row {bad} is source row {int(batch_index[bad])} of a layered batch with "
+            f"{slots} slots per sample, so its layers would be mixed up (batch_index {list(batch_index)[:8]}). "
+            "'Latent From Batch' picked rows that do not start at a sample boundary: set its batch_index to a "
+            f"multiple of {slots} (sample k starts at k*{slots}) and its length to a multiple of {slots}."
+        )

@@ -19,8 +19,8 @@ class LayerDiffEmptyLatent:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "width": ("INT", {"default": 512, "min": 64, "max": MAX_RESOLUTION, "step": 8}),
-            "height": ("INT", {"default": 512, "min": 64, "max": MAX_RESOLUTION, "step": 8}),
+            "width": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8}),
+            "height": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8}),
             "foregrounds": ("INT", {"default": 2, "min": 1, "max": 16, "tooltip":
                 "Number of foreground layers; connect the 'foregrounds' output of the prompt encoder."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Layered images to generate."}),

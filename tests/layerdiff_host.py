@@ -58,3 +58,18 @@ def sample(model, positive, negative, latent, steps=3, cfg=5.0, smg_scale=0.0, s
     out = node("LayerDiffSMGSampler").sample(model, seed, steps, cfg, "euler", "normal", positive, negative, latent,
                                              smg_scale=smg_scale, **kw)[0]
     return out["samples"], out
+
+
+def core_node(name: str, **inputs) -> tuple:
+    """Run the core ComfyUI node ``name`` (its node id) with keyword inputs; returns its outputs as a tuple.
+
+    Classic nodes (INPUT_TYPES / FUNCTION) and 0.3.x V3 nodes (an ``execute`` classmethod returning a NodeOutput,
+    e.g. Self-Attention Guidance, Rebatch Latents) alike.
+    """
+    import nodes
+
+    comfy_host.boot()
+    cls = nodes.NODE_CLASS_MAPPINGS[name]
+    if hasattr(cls, "define_schema"):  # V3 node
+        return tuple(cls.execute(**inputs).args)
+    return tuple(getattr(cls(), cls.FUNCTION)(**inputs))

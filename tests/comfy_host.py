@@ -32,35 +32,28 @@ LOG = logging.getLogger("LayerDiff.tests.comfy_host")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(__file__).resolve().parent / "data"
-TINY_CLIP_CONFIG = DATA_DIR / "tiny_clip_l_config.json"
 PACKAGE_DIR_NAME = "ComfyUI-LayerDiff"
 TINY_SD15_NAME = "tiny_sd15.safetensors"
 TINY_CONTROLNET_NAME = "tiny_controlnet_sd15.safetensors"
 DEFAULT_SEED = 20240301
 
-# UNet of the tiny SD1.5-architecture model, in the LDM yaml layout that comfy.model_detection.convert_config reads.
-TINY_UNET_YAML = {
-    "use_checkpoint": False,
-    "image_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "model_channels": 32,
-    "attention_resolutions": [1, 2],
-    "num_res_blocks": 1,
-    "channel_mult": [1, 2],
-    "transformer_depth": 1,
-    "context_dim": 768,
-    "use_spatial_transformer": True,
-    "use_linear_in_transformer": False,
-    "legacy": False,
-    "adm_in_channels": None,
-    "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
+
+def toy_model() -> ModuleType:
+    """The extension's ``nodes.toy_model`` module, imported from the repository (ComfyUI must be on sys.path)."""
+    import importlib.util
+
+    name = "layerdiff_toy_model"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "nodes" / "toy_model.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
 
 # A tiny SDXL-family UNet (context 2048, pooled "adm" input): a model LayerDiff must refuse.
 TINY_SDXL_UNET_YAML = {
-    **TINY_UNET_YAML,
+    **toy_model().TOY_UNET_YAML,
     "context_dim": 2048,
     "use_linear_in_transformer": True,
     "adm_in_channels": 2816,
@@ -391,52 +384,23 @@ def _captured_logs():
 
 
 # ------------------------------------------------------------------------------------------------- test model configs
+# The toy SD1.5 family (UNet width 32, 2-layer CLIP, TAESD VAE) is product code: nodes/toy_model.py. The harness
+# adds only what tests need on top (an SDXL-family model that must be refused, the tiny ControlNet).
 _TEST_CONFIGS: dict[str, type] = {}
 
 
 def register_test_model_configs() -> dict[str, type]:
-    """Register the tiny SD1.5 config with ComfyUI's model detection (idempotent) and return the test configs.
+    """Register the toy SD1.5 config with ComfyUI's model detection (idempotent) and return the test configs.
 
-    ``TinySD15`` subclasses ``comfy.supported_models.SD15`` (family checks keep passing) and differs only in the
-    UNet width it matches (32 instead of 320) and in its text encoder (a 2-layer CLIP-L, see
-    ``tests/data/tiny_clip_l_config.json``). ``TinySDXL`` is not registered: it is only built directly.
+    ``TinySD15`` is the toy config (subclass of ``comfy.supported_models.SD15``). ``TinySDXL`` is not
+    registered: it is only built directly.
     """
     if _TEST_CONFIGS:
         return _TEST_CONFIGS
     import comfy.supported_models as supported
 
-    tiny_sd15 = _make_tiny_sd15_class(supported)
-    tiny_sdxl = _make_tiny_sdxl_class(supported)
-    supported.models.insert(0, tiny_sd15)
-    _TEST_CONFIGS.update(TinySD15=tiny_sd15, TinySDXL=tiny_sdxl)
+    _TEST_CONFIGS.update(TinySD15=toy_model().register_toy_sd15(), TinySDXL=_make_tiny_sdxl_class(supported))
     return _TEST_CONFIGS
-
-
-def _make_tiny_sd15_class(supported: ModuleType) -> type:
-    from comfy import sd1_clip, supported_models_base
-
-    class TinyClipL(sd1_clip.SDClipModel):
-        """SD1 CLIP-L text encoder with the tiny config (width 768, 2 layers)."""
-
-        def __init__(self, device="cpu", dtype=None, **kwargs):
-            kwargs["textmodel_json_config"] = str(TINY_CLIP_CONFIG)
-            kwargs.setdefault("return_projected_pooled", False)  # as SD1.5 checkpoints: no text_projection
-            super().__init__(device=device, dtype=dtype, **kwargs)
-
-    class TinySD1ClipModel(sd1_clip.SD1ClipModel):
-        def __init__(self, device="cpu", dtype=None, **kwargs):
-            kwargs["clip_model"] = TinyClipL
-            super().__init__(device=device, dtype=dtype, **kwargs)
-
-    class TinySD15(supported.SD15):
-        """Test-only SD1.5 config for the tiny UNet (model_channels 32)."""
-
-        unet_config = {**supported.SD15.unet_config, "model_channels": 32}
-
-        def clip_target(self, *args, **kwargs):
-            return supported_models_base.ClipTarget(sd1_clip.SD1Tokenizer, TinySD1ClipModel)
-
-    return TinySD15
 
 
 def _make_tiny_sdxl_class(supported: ModuleType) -> type:
@@ -450,114 +414,23 @@ def _make_tiny_sdxl_class(supported: ModuleType) -> type:
 
 
 def tiny_unet_config(yaml_config: dict | None = None) -> dict:
-    """ComfyUI's internal UNet config (``convert_config`` of the LDM yaml layout) for the tiny SD1.5 UNet."""
-    import comfy.model_detection
-
-    return comfy.model_detection.convert_config(dict(yaml_config or TINY_UNET_YAML))
+    return toy_model().toy_unet_config(yaml_config)
 
 
-# ------------------------------------------------------------------------------------------------- weight init
 def init_weights_(module: torch.nn.Module, seed: int = DEFAULT_SEED, std: float | str = 0.02, prefix: str = "") -> None:
-    """Deterministically initialise a module whose ComfyUI ops skipped init.
-
-    Weights ~ N(0, std) from a generator seeded by (seed, parameter name), so a tensor's values do not depend
-    on creation order or on the ComfyUI version; ``std="fan_in"`` uses 1/sqrt(fan_in) instead (keeps the signal
-    alive through deep plain conv stacks such as TAESD). Norm layers get weight 1 / bias 0, other biases 0;
-    scalar parameters (``vae_scale``, ``logit_scale``...) keep their constructed values.
-    """
-    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.BatchNorm2d)
-    with torch.no_grad():
-        for mod_name, mod in module.named_modules():
-            for p_name, param in mod.named_parameters(recurse=False):
-                name = f"{prefix}{mod_name}.{p_name}" if mod_name else f"{prefix}{p_name}"
-                _init_param_(param, name, isinstance(mod, norms), seed, std)
-
-
-def _init_param_(param: torch.Tensor, name: str, is_norm: bool, seed: int, std: float | str) -> None:
-    if param.ndim == 0:
-        return
-    if is_norm:
-        param.fill_(1.0 if name.endswith("weight") else 0.0)
-    elif name.endswith("bias"):
-        param.zero_()
-    else:
-        if std == "fan_in":
-            scale = (param[0].numel() if param.ndim > 1 else param.numel()) ** -0.5
-        else:
-            scale = float(std)
-        generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-        values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * scale
-        param.copy_(values.to(param.dtype))
-
-
-# ------------------------------------------------------------------------------------------------- tiny models
-def _cpu_model_config(config_class: type, unet_config: dict):
-    model_config = config_class(unet_config)
-    model_config.set_inference_dtype(torch.float32, None)
-    return model_config
+    toy_model().init_weights_(module, seed, std, prefix)
 
 
 def build_tiny_sd15_model(seed: int = DEFAULT_SEED):
-    """The tiny SD1.5 ``BaseModel`` (UNet initialised, on CPU, float32), built by ComfyUI's model classes."""
-    config_class = register_test_model_configs()["TinySD15"]
-    with torch.no_grad():
-        model = _cpu_model_config(config_class, tiny_unet_config()).get_model({})
-    init_weights_(model.diffusion_model, seed)
-    return model
-
-
-def build_tiny_clip(model_config, seed: int = DEFAULT_SEED) -> torch.nn.Module:
-    """The tiny text encoder module of ``model_config``'s clip target (state dict keys ``clip_l.*``)."""
-    target = model_config.clip_target()
-    with torch.no_grad():
-        clip = target.clip(device="cpu", dtype=torch.float32, **target.params)
-    init_weights_(clip, seed)
-    return clip
-
-
-def build_vae_module(kind: str = "taesd", seed: int = DEFAULT_SEED) -> torch.nn.Module:
-    """A VAE module that ``comfy.sd.VAE`` recognises from its state dict, 8x downscale, 4 latent channels.
-
-    ``taesd``: TAESD (2.4M parameters; ComfyUI's VAE loader hard-codes SD's VAE width, so a "tiny SD VAE" does
-    not exist for it). ``sd``: the real SD1.x AutoencoderKL topology (83M parameters), random weights.
-    """
-    with torch.no_grad():
-        if kind == "taesd":
-            import comfy.taesd.taesd
-
-            vae = comfy.taesd.taesd.TAESD()
-        elif kind == "sd":
-            from comfy.ldm.models.autoencoder import AutoencoderKL
-
-            ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
-                        "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
-                        "dropout": 0.0}
-            vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
-        else:
-            raise ValueError(f"unknown VAE kind {kind!r} (use 'taesd' or 'sd')")
-    init_weights_(vae, seed, std="fan_in")
-    return vae
+    register_test_model_configs()
+    return toy_model().build_toy_sd15_model(seed)
 
 
 def make_tiny_sd15_checkpoint(path: str | os.PathLike, seed: int = DEFAULT_SEED, vae: str = "taesd",
                               dtype: torch.dtype = torch.float32) -> Path:
-    """Write a single-file SD1.5-layout checkpoint of the tiny model to ``path`` (.safetensors).
-
-    Keys follow a real SD1.5 ``.ckpt``: ``model.diffusion_model.*``, ``first_stage_model.*`` and
-    ``cond_stage_model.transformer.text_model.*`` (produced by ComfyUI's own ``state_dict_for_saving``, as the
-    CheckpointSave node does). Loading it needs :func:`register_test_model_configs` (done by :func:`boot`).
-    """
-    from safetensors.torch import save_file
-
-    model = build_tiny_sd15_model(seed)
-    clip_sd = build_tiny_clip(model.model_config, seed).state_dict()
-    vae_sd = build_vae_module(vae, seed).state_dict()
-    state_dict = model.state_dict_for_saving(clip_sd, vae_sd)
-    tensors = {k: v.detach().to(dtype).contiguous() for k, v in state_dict.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", "layerdiff_test_model": "tiny_sd15", "seed": str(seed)})
-    return path
+    """Write a toy SD1.5 checkpoint with random weights (loads after :func:`register_test_model_configs`)."""
+    register_test_model_configs()
+    return toy_model().make_toy_sd15_checkpoint(path, seed, vae, dtype)
 
 
 def make_tiny_controlnet(path: str | os.PathLike, seed: int = DEFAULT_SEED + 1, zero_conv_std: float = 0.2) -> Path:
@@ -602,7 +475,7 @@ def make_tiny_sdxl_like_unet_model(seed: int = DEFAULT_SEED):
 
     config_class = register_test_model_configs()["TinySDXL"]
     with torch.no_grad():
-        model = _cpu_model_config(config_class, tiny_unet_config(TINY_SDXL_UNET_YAML)).get_model({})
+        model = toy_model().cpu_model_config(config_class, tiny_unet_config(TINY_SDXL_UNET_YAML)).get_model({})
     init_weights_(model.diffusion_model, seed)
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))

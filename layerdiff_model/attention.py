@@ -59,11 +59,20 @@ class IntraLayerCrossAttention(nn.Module):
         self.to_v = operations.Linear(context_dim, width, bias=False, dtype=dtype, device=device)
         self.to_out = operations.Linear(width, width, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, layer_context: torch.Tensor) -> torch.Tensor:
-        """x [(b s), n, c], layer_context [(b s), t, d] -> residual [(b s), n, c]."""
+    def forward(self, x: torch.Tensor, layer_context: torch.Tensor,
+                context_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x [(b s), n, c], layer_context [(b s), t, d] -> residual [(b s), n, c].
+
+        With ``context_index`` [(b s)], ``layer_context`` holds only the distinct rows [U, t, d] and row r reads
+        ``layer_context[context_index[r]]``: keys/values are projected once per distinct prompt (a batch repeats
+        the same layer prompts for every sample, and mask i reads foreground i's prompt), same result.
+        """
         h = self.norm(x)
         ctx = layer_context.to(dtype=h.dtype)
-        out = multi_head_attention(self.to_q(h), self.to_k(ctx), self.to_v(ctx), self.heads)
+        k, v = self.to_k(ctx), self.to_v(ctx)
+        if context_index is not None:
+            k, v = k[context_index], v[context_index]
+        out = multi_head_attention(self.to_q(h), k, v, self.heads)
         return self.to_out(out)
 
 
@@ -78,11 +87,13 @@ class LayerCollaborativeBlock(nn.Module):
                       if use_intra else None)
 
     def forward(self, x: torch.Tensor, roles: torch.Tensor, slots: int, layer_context: torch.Tensor,
-                inter: bool = True, intra: bool = True) -> torch.Tensor:
-        """x [(b s), n, c] -> residual delta [(b s), n, c] (0 for disabled branches)."""
+                inter: bool = True, intra: bool = True, context_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x [(b s), n, c] -> residual delta [(b s), n, c] (0 for disabled branches).
+
+        ``layer_context`` is [(b s), t, d], or the distinct rows [U, t, d] with ``context_index`` [(b s)]."""
         delta = torch.zeros_like(x)
         if self.inter is not None and inter:
             delta = delta + self.inter(x, roles, slots)
         if self.intra is not None and intra:
-            delta = delta + self.intra(x + delta, layer_context)
+            delta = delta + self.intra(x + delta, layer_context, context_index)
         return delta

@@ -67,3 +67,17 @@ def slot_context_rows(layers: LayerPrompts) -> torch.Tensor:
     stacked = stack_layer_embeds(layers.embeds)  # [N+1, T, d]
     index = torch.tensor(slot_prompt_index(layers.num_foregrounds), device=stacked.device)
     return stacked[index]  # [S, T, d]
+
+
+def distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, T, d] -> (distinct rows [U, T, d], index [R]) with ``distinct[index] == rows`` exactly.
+
+    The layer context of a UNet call repeats a few prompts over many rows (every sample of a batch, mask i
+    reading foreground i's prompt); projecting keys/values once per distinct prompt saves most of that work.
+    Rows that carry gradients (training the enhancer) are returned as they are, with the identity index.
+    """
+    if rows.requires_grad:
+        return rows, torch.arange(rows.shape[0], device=rows.device)
+    flat = rows.reshape(rows.shape[0], -1)
+    distinct, index = torch.unique(flat, dim=0, return_inverse=True)
+    return distinct.view(-1, *rows.shape[1:]), index

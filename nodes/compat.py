@@ -27,3 +27,26 @@ def register_model_folder(name: str, extensions: set[str]) -> None:
         folder_paths.folder_names_and_paths[name] = (paths, set(exts) | set(extensions))
         return
     folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)], set(extensions))
+
+
+def convert_cond(conditioning):
+    """CONDITIONING -> the sampler's cond dicts (``comfy.sample.convert_cond`` in 2024, ``sampler_helpers`` in 0.3.x)."""
+    try:
+        from comfy.sampler_helpers import convert_cond as _convert
+    except ImportError:  # 2024
+        from comfy.sample import convert_cond as _convert
+    return _convert(conditioning)
+
+
+def transformer_blocks_mutate_in_place() -> bool:
+    """Whether this ComfyUI's BasicTransformerBlock adds its attention residuals in place (``x += n``, 2024);
+    gradient checkpointing cannot recompute such a block exactly (nodes/unet_checkpointing.py)."""
+    import inspect
+
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+
+    forward = BasicTransformerBlock.__dict__.get("_forward", BasicTransformerBlock.forward)
+    try:
+        return "x += n" in inspect.getsource(forward)
+    except (OSError, TypeError):
+        return True  # unknown: take the safe choice

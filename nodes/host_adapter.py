@@ -14,6 +14,8 @@ All three are added to a clone; the input model is never touched.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ import comfy.ops
 import comfy.supported_models
 from comfy.ldm.modules.attention import SpatialTransformer
 
-from ..layerdiff_model.conditioning import LayerPrompts, slot_context_rows
+from ..layerdiff_model.conditioning import LayerPrompts, distinct_rows, slot_context_rows
 from ..layerdiff_model.config import LayerDiffConfig, Site
 from ..layerdiff_model.errors import LayerDiffError, LayoutError, ModelFamilyError, WeightsFileError
 from ..layerdiff_model.modules import LayerDiffModules
@@ -188,18 +190,21 @@ class InjectLayerAttention(_PatchCallable):
             return n
         self.state.ensure_device(n.device)
         module = self.state.modules.site_module(site)
-        delta = module(x + n, run.roles, run.slots, run.context, inter=self.state.inter, intra=self.state.intra)
+        delta = module(x + n, run.roles, run.slots, run.context, inter=self.state.inter, intra=self.state.intra,
+                       context_index=run.context_index)
         run.fired.add(key)
         return n + delta
 
 
 @dataclass
 class LayerRun:
-    """Per UNet call: row roles [R], slots per sample, layer context rows [R, T, d], sites that fired."""
+    """Per UNet call: row roles [R], slots per sample, the distinct layer context rows [U, T, d] and which one
+    each row reads [R], sites that fired."""
 
     roles: torch.Tensor
     slots: int
     context: torch.Tensor
+    context_index: torch.Tensor
     fired: set = field(default_factory=set)
 
 
@@ -223,7 +228,8 @@ class LayeredApplyModel(_PatchCallable):
         if slot_info.shape[0] != x.shape[0] or context.shape[0] != x.shape[0]:
             raise LayoutError(f"LayerDiff: {x.shape[0]} latent rows but {slot_info.shape[0]} layer rows.")
         roles = roles_for_rows(slot_info, self.state.modules.config.max_foregrounds).to(x.device)
-        run = LayerRun(roles=roles, slots=slots, context=context)
+        distinct, index = distinct_rows(context)
+        run = LayerRun(roles=roles, slots=slots, context=distinct, context_index=index.to(x.device))
         options = dict(transformer_options or {})
         options[RUN_KEY] = run
         out = self.inner(x, t, *args, transformer_options=options, **kwargs)
@@ -237,12 +243,20 @@ class LayeredApplyModel(_PatchCallable):
         return out
 
 
-def apply_patch(model, modules: LayerDiffModules, node: str, inter: bool = True, intra: bool = True):
-    """Return a clone of ``model`` with LayerDiff installed. ``model`` itself is never modified."""
+def apply_patch(model, modules: LayerDiffModules, node: str, inter: bool = True, intra: bool = True,
+                match_model_dtype: bool = True):
+    """Return a clone of ``model`` with LayerDiff installed. ``model`` itself is never modified.
+
+    With ``match_model_dtype`` (inference) modules stored in another float dtype than the UNet's weights are
+    used as a copy in the UNet's dtype (an fp16 UNet does not carry fp32 LayerDiff weights); training passes
+    False and keeps its own parameters.
+    """
     check_sd15(model, node)
     check_weights_fit(modules, model, node)
     if is_patched(model):
         raise LayerDiffError(f"{node}: this MODEL already has LayerDiff applied; apply it once per model.")
+    if match_model_dtype:
+        modules = _in_unet_dtype(modules, model)
     state = PatchState(modules, unet_sites(model), inter=inter, intra=intra)
     patched = model.clone()
     patched.set_model_patch(StashResidual(state), "middle_patch")
@@ -253,6 +267,14 @@ def apply_patch(model, modules: LayerDiffModules, node: str, inter: bool = True,
     patched.add_object_patch("apply_model", LayeredApplyModel(state, inner))
     patched.model_options["transformer_options"][PATCH_KEY] = state
     return patched
+
+
+def _in_unet_dtype(modules: LayerDiffModules, model) -> LayerDiffModules:
+    unet_dtype = next(unet_of(model).parameters()).dtype
+    module_dtype = next(modules.parameters()).dtype
+    if unet_dtype == module_dtype or not unet_dtype.is_floating_point:
+        return modules
+    return copy.deepcopy(modules).to(unet_dtype)
 
 
 def build_modules(config: LayerDiffConfig, seed: int = 0, zero_outputs: bool = True) -> LayerDiffModules:
@@ -279,10 +301,13 @@ def layered_entry(global_cond, extra: dict, layers: LayerPrompts) -> list:
     return [global_cond, out]
 
 
-def encode_layered(clip, global_prompt: str, layer_prompts: list[str]) -> list:
-    """CONDITIONING for a global prompt and [background, fg_1..fg_N] layer prompts."""
-    global_cond, pooled = encode_text(clip, global_prompt)
-    embeds = tuple(encode_text(clip, p)[0] for p in layer_prompts)
+def encode_layered(clip, global_prompt: str, layer_prompts: list[str], encode=None) -> list:
+    """CONDITIONING for a global prompt and [background, fg_1..fg_N] layer prompts.
+
+    ``encode(clip, text) -> (cond, pooled)`` replaces :func:`encode_text` (e.g. a cache in training)."""
+    encode = encode or encode_text
+    global_cond, pooled = encode(clip, global_prompt)
+    embeds = tuple(encode(clip, p)[0] for p in layer_prompts)
     layers = LayerPrompts(prompts=tuple(layer_prompts), embeds=embeds)
     return [layered_entry(global_cond, {"pooled_output": pooled}, layers)]
 
@@ -305,11 +330,12 @@ def layers_of(conditioning, node: str, input_name: str) -> LayerPrompts:
     return conditioning[0][1][LAYERS_KEY]
 
 
-def enhance(conditioning, modules: LayerDiffModules, node: str) -> list:
-    """Apply the layer prompt enhancer to every entry, using that entry's global prompt as context."""
+def enhance(conditioning, modules: LayerDiffModules, node: str, track_grad: bool = False) -> list:
+    """Apply the layer prompt enhancer to every entry, using that entry's global prompt as context.
+    ``track_grad`` keeps the autograd graph (training the enhancer); nodes run it without."""
     layers_of(conditioning, node, "conditioning")
     out = []
-    with torch.no_grad():
+    with contextlib.nullcontext() if track_grad else torch.no_grad():
         for global_cond, extra in conditioning:
             layers = extra[LAYERS_KEY]
             if layers.enhanced:

@@ -185,16 +185,172 @@ def toy_checkpoint_state_dict(model, clip_sd: dict, vae_sd: dict, dtype: torch.d
 
 
 def make_toy_sd15_checkpoint(path: str | os.PathLike, seed: int = DEFAULT_SEED, vae: str = "taesd",
-                             dtype: torch.dtype = torch.float32, metadata: dict | None = None) -> Path:
-    """Write a single-file SD1.5-layout checkpoint of the toy model with random weights to ``path``."""
-    from safetensors.torch import save_file
+                             dtype: torch.dtype = torch.float32, metadata: dict | None = None,
+                             vae_state_dict: dict | None = None) -> Path:
+    """Write a single-file SD1.5-layout checkpoint of the toy model with random weights to ``path`` (atomically).
 
+    ``vae_state_dict``: use these VAE weights (e.g. a trained TAESD) instead of random ones of kind ``vae``.
+    """
     model = build_toy_sd15_model(seed)
     clip_sd = build_toy_clip(model.model_config, seed).state_dict()
-    vae_sd = build_vae_module(vae, seed).state_dict()
+    vae_sd = vae_state_dict if vae_state_dict is not None else build_vae_module(vae, seed).state_dict()
     tensors = toy_checkpoint_state_dict(model, clip_sd, vae_sd, dtype)
-    path = Path(path)
+    return _atomic_save(tensors, Path(path), {"format": "pt", "layerdiff_toy_model": "toy_sd15", "seed": str(seed),
+                                              **(metadata or {})})
+
+
+# ------------------------------------------------------------------------------------------------- shipped assets
+# The trained toy model of the shapes benchmark ships as small files (docs/SHAPES_BENCHMARK.md): UNet and VAE in
+# fp16, plus the LayerDiff weights. The text encoder is random and frozen, and its token embedding alone is 150 MB,
+# so it is not shipped: :func:`assemble_toy_checkpoint` regenerates it from its seed with :func:`init_weights_`'s
+# generator and checks a SHA-256 of the regenerated values, so a change of torch's RNG fails loudly.
+TOY_ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy_shapes"
+TOY_BASE_ASSET = "toy_shapes_base.safetensors"
+TOY_LAYERDIFF_ASSET = "layerdiff_toy_shapes.safetensors"
+TOY_CHECKPOINT_NAME = "layerdiff_toy_shapes_sd15.safetensors"
+CLIP_KEY_PREFIX = "cond_stage_model."
+_ASSET_FORMAT = "layerdiff-toy-assets-1"
+
+
+class ToyAssetError(RuntimeError):
+    """The shipped toy assets are missing, damaged, or their text encoder cannot be regenerated exactly."""
+
+
+def toy_layerdiff_weights_path(assets_dir: str | os.PathLike = TOY_ASSETS_DIR) -> Path:
+    """The shipped LayerDiff weights of the toy shapes model (the loader's format, layerdiff_model/weights.py)."""
+    return Path(assets_dir) / TOY_LAYERDIFF_ASSET
+
+
+def _clip_init_name(checkpoint_key: str) -> str:
+    """``cond_stage_model.transformer...`` -> the parameter name :func:`build_toy_clip` initialised it under."""
+    return "clip_l." + checkpoint_key[len(CLIP_KEY_PREFIX):]
+
+
+def _regenerate(entry: dict, seed: int) -> torch.Tensor:
+    shape = tuple(entry["shape"])
+    if entry["kind"] == "fill":
+        return torch.full(shape, float(entry["value"]), dtype=torch.float32)
+    values = torch.empty(shape, dtype=torch.float32)
+    _init_param_(values, entry["name"], False, seed, float(entry["std"]))
+    return values
+
+
+def _clip_recipe(checkpoint: dict, seed: int) -> tuple[list[dict], dict]:
+    """Split the checkpoint's text encoder into tensors regenerable from ``seed`` (recipe) and the rest (kept)."""
+    recipe, kept = [], {}
+    for key in sorted(k for k in checkpoint if k.startswith(CLIP_KEY_PREFIX)):
+        tensor = checkpoint[key].float()
+        candidates = [{"kind": "randn", "name": _clip_init_name(key), "std": 0.02}]
+        if tensor.numel() and bool((tensor == tensor.reshape(-1)[0]).all()):
+            candidates.insert(0, {"kind": "fill", "value": float(tensor.reshape(-1)[0])})
+        for entry in candidates:
+            entry = {"key": key, "shape": list(tensor.shape), **entry}
+            if tensor.ndim and torch.equal(_regenerate(entry, seed), tensor):
+                recipe.append(entry)
+                break
+        else:
+            kept[key] = checkpoint[key].contiguous()
+    return recipe, kept
+
+
+def _clip_digest(tensors: list[torch.Tensor]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def export_toy_assets(checkpoint_path: str | os.PathLike, layerdiff_path: str | os.PathLike | None = None,
+                      assets_dir: str | os.PathLike = TOY_ASSETS_DIR, seed: int = DEFAULT_SEED,
+                      dtype: torch.dtype = torch.float16, metadata: dict | None = None) -> dict[str, Path]:
+    """Split a trained full toy checkpoint into the shipped files; copy the LayerDiff weights next to them.
+
+    ``seed`` must be the seed the checkpoint's text encoder was generated with: every text-encoder tensor must be
+    regenerable exactly (or is stored as is when small). Host-free (safetensors + torch only).
+    """
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(str(checkpoint_path))
+    recipe, kept = _clip_recipe(checkpoint, seed)
+    kept_bytes = sum(t.numel() * t.element_size() for t in kept.values())
+    if kept_bytes > 4 * 2**20:
+        raise ToyAssetError(f"{checkpoint_path}: {kept_bytes / 2**20:.0f} MB of the text encoder is not regenerable "
+                            f"from seed {seed} (e.g. {sorted(kept)[:3]}); was it made with another seed or trained?")
+    tensors = {k: v.to(dtype).contiguous() for k, v in checkpoint.items()
+               if not k.startswith(CLIP_KEY_PREFIX) and v.is_floating_point()}
+    tensors.update({k: v for k, v in checkpoint.items() if not k.startswith(CLIP_KEY_PREFIX)
+                    and not v.is_floating_point()})
+    tensors.update(kept)
+    info = {"format": _ASSET_FORMAT, "clip_seed": str(seed), "clip_recipe": json.dumps(recipe),
+            "clip_sha256": _clip_digest([_regenerate(e, seed) for e in recipe]), **(metadata or {})}
+    out = Path(assets_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"base": _atomic_save(tensors, out / TOY_BASE_ASSET, info)}
+    if layerdiff_path is not None:
+        target = toy_layerdiff_weights_path(out)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(layerdiff_path, tmp)
+        os.replace(tmp, target)
+        written["layerdiff"] = target
+    return written
+
+
+def assemble_toy_checkpoint(out_path: str | os.PathLike, assets_dir: str | os.PathLike = TOY_ASSETS_DIR) -> Path:
+    """Write the full, ComfyUI-loadable single-file toy checkpoint (fp32) from the shipped assets, atomically.
+
+    The text encoder is regenerated from the seed in the asset metadata and verified against the stored SHA-256;
+    a mismatch (e.g. torch changed its random generator) raises :class:`ToyAssetError` instead of writing a model
+    with a different text encoder. Load the result with CheckpointLoaderSimple after :func:`register_toy_sd15`.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    source = Path(assets_dir) / TOY_BASE_ASSET
+    if not source.is_file():
+        raise ToyAssetError(f"toy model asset not found: {source} (it ships in assets/toy_shapes/ of the repository; "
+                            "re-create it with scripts/shapes_benchmark.py --export-assets).")
+    try:
+        with safe_open(str(source), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files
+        raise ToyAssetError(f"toy model asset {source} is damaged ({exc}); restore it from the repository.") from exc
+    if meta.get("format") != _ASSET_FORMAT:
+        raise ToyAssetError(f"{source} is not a toy model asset (format {meta.get('format')!r}, "
+                            f"expected {_ASSET_FORMAT!r}).")
+    seed, recipe = int(meta["clip_seed"]), json.loads(meta["clip_recipe"])
+    clip = {e["key"]: _regenerate(e, seed) for e in recipe}
+    digest = _clip_digest(list(clip.values()))
+    if digest != meta["clip_sha256"]:
+        raise ToyAssetError(
+            f"the toy text encoder regenerated from seed {seed} does not match the checksum stored in {source.name} "
+            f"({digest[:12]} != {meta['clip_sha256'][:12]}): this torch version draws different random numbers "
+            f"(torch {torch.__version__}). Re-create the assets with this torch (scripts/shapes_benchmark.py) or use "
+            "the torch version the assets were made with.")
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
+    state.update(clip)
+    keep = {k: v for k, v in meta.items() if k not in ("clip_recipe",)}
+    return _atomic_save(state, Path(out_path), {**keep, "format": "pt", "layerdiff_toy_model": "toy_sd15"})
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict) -> Path:
+    import tempfile
+
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", "layerdiff_toy_model": "toy_sd15", "seed": str(seed),
-                                            **(metadata or {})})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path

@@ -305,7 +305,7 @@ def test_suite_runs_on_the_pinned_comfyui_or_the_one_in_comfyui_path(comfyui, mo
     assert comfy_host.default_comfyui_path() == Path("/some/ComfyUI")
 
 
-VERSION_PROBES = re.compile(r"(hasattr|getattr)\(\s*(comfy|nodes|execution|folder_paths)\b|comfyui_version|__version__")
+VERSION_PROBES = re.compile(r"(hasattr|getattr)\(\s*(comfy|nodes|execution|folder_paths)\b|comfyui_version|\bcomfy\w*\.__version__")
 
 
 def test_version_differences_live_in_compat_only():
@@ -357,7 +357,9 @@ def test_bf16_weights_from_the_checkpoint_loader(tiny, modules, monkeypatch):
         handle.remove()
     assert torch.isfinite(out).all()
     assert seen == {(compute, compute)}
-    assert {p.dtype for p in modules.parameters()} == {torch.float32}
+    assert {p.dtype for p in modules.parameters()} == {torch.float32}  # the loader's modules are untouched
+    used = a.patch_state(patched, "test").modules  # the patch stores them like the UNet: bf16, half the memory
+    assert {p.dtype for p in used.parameters()} == {torch.bfloat16}
 
 
 def _tiny_model_in(dtype):
@@ -388,6 +390,7 @@ def test_native_half_precision_unet(tiny, modules, dtype):
         handle.remove()
     assert torch.isfinite(out).all()
     assert seen == {(dtype, dtype)}  # our layer attention computes in the UNet's dtype
-    assert {p.dtype for p in modules.parameters()} == {torch.float32}  # weights stay fp32 (manual cast)
+    assert {p.dtype for p in modules.parameters()} == {torch.float32}  # the loader's modules are untouched
+    assert {p.dtype for p in a.patch_state(patched, "test").modules.parameters()} == {dtype}  # stored like the UNet
     plain = _core_ksampler(model, pos, neg, latent)
     assert _differs(out, plain, tol=1e-3)

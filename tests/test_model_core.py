@@ -164,3 +164,27 @@ def test_narrow_enhancer_is_identity_at_init_and_small():
     assert sum(p.numel() for p in narrow.enhancer.parameters()) < sum(p.numel() for p in full.enhancer.parameters()) / 10
     changed = make_modules(zero=False, enhancer_width=64, enhancer_heads=4).enhance(tokens, torch.randn(1, 9, 768))
     assert not torch.allclose(changed, tokens)
+
+
+def test_distinct_context_rows_give_the_same_layer_block_output():
+    """Projecting keys/values once per distinct layer prompt (the speed path the UNet patch takes) changes
+    nothing: same residual as attending to the full per-row context."""
+    from layerdiff_model.attention import LayerCollaborativeBlock
+    from layerdiff_model.conditioning import distinct_rows
+
+    torch.manual_seed(0)
+    block = LayerCollaborativeBlock(32, 4, 48, num_roles=7)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    prompts = torch.randn(3, 5, 48)
+    rows = prompts[torch.tensor([0, 1, 2, 1, 2] * 2)]  # 2 samples x (bg, fg1, fg2, mask1, mask2)
+    x = torch.randn(10, 16, 32)
+    roles = torch.tensor([0, 1, 2, 4, 5] * 2)
+    distinct, index = distinct_rows(rows)
+    assert distinct.shape[0] == 3 and torch.equal(distinct[index], rows)
+    full = block(x, roles, 5, rows)
+    fast = block(x, roles, 5, distinct, context_index=index)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    trainable = rows.clone().requires_grad_(True)
+    kept, identity = distinct_rows(trainable)
+    assert kept is trainable and torch.equal(identity, torch.arange(10))

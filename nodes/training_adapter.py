@@ -1,0 +1,248 @@
+"""ComfyUI side of training (DESIGN.md 2.6): implements ``layerdiff_model.training.TrainableModel`` with ComfyUI's
+own model code, so what is trained is exactly what runs in the nodes.
+
+- The SD1.5 single-file checkpoint is loaded by ``comfy.sd.load_checkpoint_guess_config``; VAE and text encoder are
+  frozen. LayerDiff modules are built or loaded with :func:`host_adapter.build_modules` / ``load_modules`` and
+  installed with :func:`host_adapter.apply_patch` (the apply_model object patch + middle_patch +
+  attn2_output_patch inference uses). ``comfy.model_management.load_models_gpu`` installs the object patch.
+- Layer prompts go through :func:`host_adapter.encode_layered` and, when the weights have one, the enhancer
+  (:func:`host_adapter.enhance` with autograd on, so the enhancer is trained), then through the sampler's own cond
+  pipeline (``convert_cond`` -> ``encode_model_conds`` -> ``process_cond`` -> ``concat``) into ``apply_model``.
+- ComfyUI's ``apply_model`` takes ``x = latent + sigma * noise`` and returns the denoised ``x - sigma * eps`` for
+  eps models; the predicted noise is ``(x - denoised) / sigma`` with ``sigma = model_sampling.sigmas[t]``,
+  t uniform over the 1000 DDPM steps (the DDPM epsilon objective in ComfyUI's parametrisation).
+- 2024 ComfyUI adds residuals in place: forward and backward run inside
+  ``torch.autograd.graph.allow_mutation_on_saved_tensors()``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+import comfy.model_management
+import comfy.ops
+import comfy.sample
+import comfy.samplers
+import comfy.sd
+
+from ..layerdiff_model.errors import LayerDiffError, ModelFamilyError
+from ..layerdiff_model.training import Distributed, Trainer, distributed_from_env
+from ..layerdiff_model.training_config import SCRIPT, TrainConfig, as_config
+from ..layerdiff_model.training_data import open_dataset
+from ..layerdiff_model.weights import load_modules, save_weights
+from . import compat, host_adapter, unet_checkpointing
+
+LOG = logging.getLogger("LayerDiff.train")
+NODE = SCRIPT
+
+
+class CheckpointLoadError(LayerDiffError):
+    """The base checkpoint given to the training script is missing or is not an SD1.5 model."""
+
+
+def load_base_checkpoint(path: str, toy_model: bool = False):
+    """(ModelPatcher, CLIP, VAE) of a single-file SD1.5 checkpoint, loaded by ComfyUI; raises with the fix."""
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointLoadError(f"{SCRIPT}: --checkpoint {file} does not exist. Pass the SD1.5 .safetensors/.ckpt "
+                                  "file you use in ComfyUI (ComfyUI/models/checkpoints/<name>).")
+    if toy_model:
+        from .toy_model import register_toy_sd15
+
+        register_toy_sd15()
+    import folder_paths
+
+    try:
+        with torch.no_grad():  # 2024's CLIP constructor copies into parameters; no_grad keeps them trainable-safe
+            out = comfy.sd.load_checkpoint_guess_config(str(file), output_vae=True, output_clip=True,
+                                                        embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    except Exception as exc:  # noqa: BLE001 - ComfyUI raises plain RuntimeError/KeyError for unknown files
+        raise CheckpointLoadError(
+            f"{SCRIPT}: ComfyUI could not load {file.name} as a checkpoint ({type(exc).__name__}: {exc}). LayerDiff "
+            "trains on SD1.5-family single-file checkpoints (SD1.5 and its fine-tunes); for the toy model add "
+            "--toy-model.") from exc
+    model, clip, vae = out[:3]
+    if model is None or clip is None or vae is None:
+        raise CheckpointLoadError(f"{SCRIPT}: {file.name} lacks a UNet, text encoder or VAE; use a full SD1.5 "
+                                  "checkpoint (all three in one file).")
+    try:
+        host_adapter.check_sd15(model, SCRIPT)
+    except ModelFamilyError as exc:
+        raise CheckpointLoadError(f"{exc} (--checkpoint {file.name})") from exc
+    return model, clip, vae
+
+
+class ComfyTrainingModel:
+    """LayerDiff (or, with --composites, plain SD1.5) training through ComfyUI's patched model."""
+
+    num_timesteps = 1000
+
+    def __init__(self, config: TrainConfig, parts: tuple | None = None):
+        """Loads ``config.checkpoint``; ``parts`` = (ModelPatcher, CLIP, VAE) already loaded instead (benchmarks
+        pass a random-weight UNet and no CLIP/VAE, feeding latents and conditioning themselves)."""
+        self.config = config
+        self.base, self.clip, self.vae = parts or load_base_checkpoint(config.checkpoint, config.toy_model)
+        self.device = comfy.model_management.get_torch_device()
+        if self.clip is not None:
+            self.clip.cond_stage_model.requires_grad_(False)
+        if self.vae is not None:
+            self.vae.first_stage_model.requires_grad_(False)
+        self.unet = host_adapter.unet_of(self.base)
+        self.unet.requires_grad_(config.trains_unet)
+        self.modules = self.mask_readout = None
+        self.patched = self.base.clone()
+        if config.trains_modules:
+            self.modules = self._build_modules(config)
+            self.modules.requires_grad_(True)
+            self.mask_readout = self.modules.mask_readout
+            self.patched = host_adapter.apply_patch(self.base, self.modules, SCRIPT, inter=config.inter_layer,
+                                                    intra=config.intra_layer)
+        if config.grad_checkpointing:
+            blocks = self.modules.blocks if self.modules is not None else None
+            LOG.info("Gradient checkpointing on %d UNet layers", unet_checkpointing.enable(self.unet, blocks))
+        self._ensure_loaded()
+
+    def _build_modules(self, config: TrainConfig):
+        if config.init_weights:
+            modules = load_modules(config.init_weights, operations=comfy.ops.manual_cast)
+            host_adapter.check_weights_fit(modules, self.base, SCRIPT)
+            return modules.to(self.device)
+        cfg = host_adapter.config_for_model(
+            self.base, max_foregrounds=config.max_foregrounds, use_inter_layer=config.inter_layer,
+            use_intra_layer=config.intra_layer, use_enhancer=config.enhancer, enhancer_width=config.enhancer_width,
+            enhancer_depth=config.enhancer_depth)
+        return host_adapter.build_modules(cfg, seed=config.seed).to(self.device)
+
+    def _ensure_loaded(self) -> None:
+        """Load (and so patch) the model for the forward pass; the object patch must be in place."""
+        comfy.model_management.load_models_gpu([self.patched])
+        if self.modules is not None and not isinstance(self.patched.model.apply_model,
+                                                       host_adapter.LayeredApplyModel):
+            raise LayerDiffError(f"{SCRIPT}: ComfyUI did not install the LayerDiff apply_model patch when loading "
+                                 "the model; this ComfyUI version is not supported for training.")
+
+    # ------------------------------------------------------------------------------------------- protocol
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        params = []
+        if self.modules is not None:
+            params += [(f"modules.{k}", p) for k, p in self.modules.named_parameters()]
+        if self.config.trains_unet:
+            params += [(f"unet.{k}", p) for k, p in self.unet.named_parameters()]
+        return params
+
+    def autograd_context(self):
+        return torch.autograd.graph.allow_mutation_on_saved_tensors()
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        latents = self.vae.encode(images.movedim(1, -1).float().cpu())
+        return self.base.model.process_latent_in(latents.to(self.device)).float()
+
+    def _conditioning(self, global_prompt: str, layer_prompts: Sequence[str] | None, track_grad: bool) -> list:
+        if layer_prompts is None:
+            cond, pooled = host_adapter.encode_text(self.clip, global_prompt)
+            return [[cond, {"pooled_output": pooled}]]
+        conditioning = host_adapter.encode_layered(self.clip, global_prompt, list(layer_prompts))
+        if self.modules is not None and self.modules.enhancer is not None:
+            conditioning = host_adapter.enhance(conditioning, self.modules, SCRIPT, track_grad=track_grad)
+        return conditioning
+
+    def encode_prompts(self, global_prompts, layer_prompts=None) -> list:
+        if layer_prompts is None:
+            return [self._conditioning(g, None, True) for g in global_prompts]
+        return [self._conditioning(g, lp, True) for g, lp in zip(global_prompts, layer_prompts)]
+
+    def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
+        sigmas = self.base.model.model_sampling.sigmas
+        return sigmas.to(timesteps.device)[timesteps.long()].float()
+
+    def noise_latents(self, latents, noise, timesteps):
+        return latents + noise * self.sigmas(timesteps).view(-1, 1, 1, 1)
+
+    def _model_kwargs(self, conds: list, noisy: torch.Tensor) -> dict[str, Any]:
+        """The sampler's cond pipeline, one entry per sample, batched like ComfyUI batches conds."""
+        rows = noisy.shape[0] // len(conds)
+        pieces: dict[str, list] = {}
+        for i, conditioning in enumerate(conds):
+            x = noisy[i * rows:(i + 1) * rows]
+            entries = comfy.samplers.encode_model_conds(self.patched.model.extra_conds,
+                                                        compat.convert_cond(conditioning), x, x.device, "positive")
+            if len(entries) != 1:
+                raise LayerDiffError(f"{SCRIPT}: expected one conditioning entry per sample, got {len(entries)}.")
+            for key, cond in entries[0]["model_conds"].items():
+                pieces.setdefault(key, []).append(cond.process_cond(batch_size=rows, device=x.device, area=None))
+        return {k: (v[0].concat(v[1:]) if len(v) > 1 else v[0].cond) for k, v in pieces.items()}
+
+    def predict_noise(self, noisy, timesteps, conds):
+        self._ensure_loaded()
+        sigma = self.sigmas(timesteps)
+        options = dict(self.patched.model_options.get("transformer_options", {}))
+        options["cond_or_uncond"] = [0]
+        options["sigmas"] = sigma
+        kwargs = self._model_kwargs(conds, noisy)
+        denoised = self.patched.model.apply_model(noisy, sigma, transformer_options=options, **kwargs)
+        return (noisy - denoised.float()) / sigma.view(-1, 1, 1, 1)
+
+    @torch.no_grad()
+    def sample_layers(self, global_prompt, layer_prompts, seed, steps, cfg) -> torch.Tensor:
+        size = self.config.resolution // 8
+        if layer_prompts is None:
+            rows, positive = 1, self._conditioning(global_prompt, None, False)
+            negative = self._conditioning("", None, False)
+        else:
+            rows = 2 * len(layer_prompts) - 1
+            positive = self._conditioning(global_prompt, layer_prompts, False)
+            negative = self._conditioning("", [""] * len(layer_prompts), False)
+        latent = torch.zeros(rows, 4, size, size)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        samples = comfy.sample.sample(self.patched, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                                      disable_pbar=True, seed=seed)
+        self._ensure_loaded()
+        return self.vae.decode(samples).movedim(-1, 1).float().clamp(0, 1)
+
+    def export(self, path: str, metadata: dict) -> Path:
+        path = Path(path)
+        if self.modules is not None:
+            save_weights(path, self.modules, extra_metadata=metadata)
+            if self.config.trains_unet:
+                save_checkpoint_file(path.with_suffix(".unet.safetensors"), self, metadata)
+            return path
+        return save_checkpoint_file(path, self, metadata)
+
+
+def save_checkpoint_file(path: Path, model: ComfyTrainingModel, metadata: dict) -> Path:
+    """The trained UNet with the original text encoder and VAE as a single-file SD1.5 checkpoint, atomically
+    (the keys ComfyUI's CheckpointSave writes, via ``state_dict_for_saving``)."""
+    from safetensors.torch import save_file
+
+    state = model.base.model.state_dict_for_saving(model.clip.get_sd(), model.vae.get_sd())
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", **{k: str(v) for k, v in metadata.items()}})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def train(args_or_config: Any, dist: Distributed | None = None) -> dict[str, Any]:
+    """Run (or resume) a training run in this process; ComfyUI must already be importable (booted).
+
+    Accepts a TrainConfig, a dict of options, an argparse Namespace or an argv list. Returns a summary dict
+    (final step, whether the run finished, output path, last loss, skipped samples)."""
+    config = as_config(args_or_config)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    device = comfy.model_management.get_torch_device()
+    dist = dist or distributed_from_env(device.type)
+    dataset = open_dataset(config.data, config.resolution, config.seed, dist.rank, dist.world_size)
+    model = ComfyTrainingModel(config)
+    return Trainer(config, model, dist, dataset=dataset).run()

@@ -25,6 +25,12 @@ def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     return rearrange(out, "b h l d -> b l (h d)")
 
 
+def _weight_version(weight: torch.Tensor) -> int:
+    """In-place update counter of a weight. Inference tensors (weights loaded under torch.inference_mode, as
+    ComfyUI's executor does) have none and are never trained, so they count as unchanged."""
+    return -1 if weight.is_inference() else weight._version
+
+
 class InterLayerAttention(nn.Module):
     """Attention across the S slots of one sample at each spatial position."""
 
@@ -60,16 +66,26 @@ class IntraLayerCrossAttention(nn.Module):
         self.to_out = operations.Linear(width, width, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, layer_context: torch.Tensor,
-                context_index: torch.Tensor | None = None) -> torch.Tensor:
+                context_index: torch.Tensor | None = None, kv_store: dict | None = None) -> torch.Tensor:
         """x [(b s), n, c], layer_context [(b s), t, d] -> residual [(b s), n, c].
 
         With ``context_index`` [(b s)], ``layer_context`` holds only the distinct rows [U, t, d] and row r reads
         ``layer_context[context_index[r]]``: keys/values are projected once per distinct prompt (a batch repeats
         the same layer prompts for every sample, and mask i reads foreground i's prompt), same result.
+        ``kv_store`` (a :class:`PromptKVCache` entry for this exact context) keeps this module's keys/values
+        across calls.
         """
         h = self.norm(x)
-        ctx = layer_context.to(dtype=h.dtype)
-        k, v = self.to_k(ctx), self.to_v(ctx)
+        # a stored entry is valid for these exact weights (in-place updates bump _version), dtype and device
+        stamp = (_weight_version(self.to_k.weight), _weight_version(self.to_v.weight), h.dtype, h.device)
+        cached = kv_store.get(self) if kv_store is not None else None
+        if cached is not None and cached[0] == stamp:
+            k, v = cached[1]
+        else:
+            ctx = layer_context.to(dtype=h.dtype)
+            k, v = self.to_k(ctx), self.to_v(ctx)
+            if kv_store is not None:
+                kv_store[self] = (stamp, (k, v))
         if context_index is not None:
             k, v = k[context_index], v[context_index]
         out = multi_head_attention(self.to_q(h), k, v, self.heads)
@@ -87,7 +103,8 @@ class LayerCollaborativeBlock(nn.Module):
                       if use_intra else None)
 
     def forward(self, x: torch.Tensor, roles: torch.Tensor, slots: int, layer_context: torch.Tensor,
-                inter: bool = True, intra: bool = True, context_index: torch.Tensor | None = None) -> torch.Tensor:
+                inter: bool = True, intra: bool = True, context_index: torch.Tensor | None = None,
+                kv_store: dict | None = None) -> torch.Tensor:
         """x [(b s), n, c] -> residual delta [(b s), n, c] (0 for disabled branches).
 
         ``layer_context`` is [(b s), t, d], or the distinct rows [U, t, d] with ``context_index`` [(b s)]."""
@@ -95,5 +112,5 @@ class LayerCollaborativeBlock(nn.Module):
         if self.inter is not None and inter:
             delta = delta + self.inter(x, roles, slots)
         if self.intra is not None and intra:
-            delta = delta + self.intra(x + delta, layer_context, context_index)
+            delta = delta + self.intra(x + delta, layer_context, context_index, kv_store)
         return delta

@@ -99,23 +99,34 @@ def split_decoded_slots(images: torch.Tensor, num_foregrounds: int, binarize: bo
     return LayeredImages(background, foregrounds, masks, list(names) if names else [])
 
 
-def visibility(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight of every layer in the composite.
+def visibility(masks: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight of every layer in the composite, the layers along ``dim`` (index 0 = top).
 
-    masks [B, N, H, W] -> (weights [B, N, H, W] = M_k * prod_{j<k}(1 - M_j), background [B, H, W] = prod_k(1 - M_k)).
+    masks [B, N, H, W] -> (weights [B, N, H, W] = M_k * prod_{j<k}(1 - M_j), background [B, H, W] = prod_k(1 - M_k));
+    any other layout works the same with ``dim`` its layer axis (the background weight drops that axis).
     """
     keep = 1 - masks  # [B, N, H, W]: how much of what lies below layer k shows through it
-    shifted = torch.cat([torch.ones_like(keep[:, :1]), keep[:, :-1]], dim=1)  # [B, N, H, W]: 1, keep_1 .. keep_N-1
-    above = torch.cumprod(shifted, dim=1)  # [B, N, H, W]: prod_{j<k} (1 - M_j), empty product = 1
-    return masks * above, keep.prod(dim=1)  # [B, N, H, W], [B, H, W]
+    n = keep.shape[dim]
+    shifted = torch.cat([torch.ones_like(keep.narrow(dim, 0, 1)), keep.narrow(dim, 0, n - 1)], dim=dim)  # 1, keep_1 ..
+    above = torch.cumprod(shifted, dim=dim)  # [B, N, H, W]: prod_{j<k} (1 - M_j), empty product = 1
+    return masks * above, keep.prod(dim=dim)  # [B, N, H, W], [B, H, W]
+
+
+def blend(background: torch.Tensor, foregrounds: torch.Tensor, masks: torch.Tensor, dim: int) -> torch.Tensor:
+    """The paper's equation ``I = sum_k M_k*F_k*prod_{j<k}(1-M_j) + B*prod_k(1-M_k)`` in any layout.
+
+    ``dim`` is the layer axis of ``foregrounds`` and ``masks`` (masks broadcast against the foregrounds, e.g. with a
+    channel axis of size 1); ``background`` is one layer without that axis. Soft masks allowed.
+    """
+    weights, background_weight = visibility(masks, dim)  # masks' shape, masks' shape without ``dim``
+    return (weights * foregrounds).sum(dim=dim) + background_weight * background
 
 
 def compose(layers: LayeredImages) -> torch.Tensor:
     """The composite image ``[B, H, W, 3]`` (the paper's equation; soft masks allowed)."""
     dtype = layers.foregrounds.dtype
-    weights, background_weight = visibility(layers.masks.to(dtype))  # [B, N, H, W], [B, H, W]
-    fg = (weights.unsqueeze(-1) * layers.foregrounds).sum(dim=1)  # [B, N, H, W, 1] * [B, N, H, W, 3] -> [B, H, W, 3]
-    return fg + background_weight.unsqueeze(-1) * layers.background.to(dtype)  # [B, H, W, 3]
+    masks = layers.masks.to(dtype).unsqueeze(-1)  # [B, N, H, W, 1]: one weight for all three channels
+    return blend(layers.background.to(dtype), layers.foregrounds, masks, dim=1)  # [B, H, W, 3]
 
 
 def to_rgba(layers: LayeredImages) -> torch.Tensor:

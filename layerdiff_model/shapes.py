@@ -6,7 +6,7 @@ other. Prompts: "a red circle", "a blue striped background", and the global prom
 "a red circle and a green square on a blue striped background" (top layer named first). Everything follows from
 ``(seed, index)``, so a sample can be regenerated alone and two runs give identical files.
 
-Images are [3,H,W] float in [0, 1] like every :class:`~.dataset.LayeredSample`. A foreground layer is its shape in
+Images are [3,H,W] float in [0, 1] like every :class:`~.layered_sample.LayeredSample`. A foreground layer is its shape in
 its colour on neutral grey (0.5, i.e. 0 in the VAE's [-1, 1] range); its mask is the full, un-occluded shape.
 A texture alternates the background colour with its "shade" (the colour half-way to grey).
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .dataset import LayeredSample
+from .layered_sample import LayeredSample
 from .errors import DatasetError
 
 GENERATOR = "layerdiff-shapes-1"

@@ -8,8 +8,12 @@ from typing import Any, Iterator
 
 import torch
 
-from .dataset import (BucketBatchSampler, LayeredFolderDataset, LayeredShardDataset, bucketed_batches,
-                      collate_layered, composite, find_shards, list_sample_folders, validate_dataset)
+from .dataset_batching import BucketBatchSampler, bucketed_batches, collate_layered
+from .dataset_loading import LayeredFolderDataset, LayeredShardDataset
+from .dataset_shards import find_shards
+from .dataset_validation import validate_dataset
+from .layered_sample import composite
+from .sample_files import list_sample_folders
 from .errors import DatasetError
 from .slots import unpack
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .dataset import composite
+from .layered_sample import composite
 from .slots import num_foregrounds_from_slots
 
 

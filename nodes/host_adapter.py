@@ -31,6 +31,7 @@ from ..layerdiff_model.conditioning import LayerPrompts, distinct_rows, slot_con
 from ..layerdiff_model.config import LayerDiffConfig, Site
 from ..layerdiff_model.errors import LayerDiffError, LayoutError, ModelFamilyError, WeightsFileError
 from ..layerdiff_model.modules import LayerDiffModules
+from ..layerdiff_model.prompt_kv_cache import PromptKVCache
 from ..layerdiff_model.slots import roles_for_rows, rows_layout, slot_info_table
 from ..layerdiff_model import smg
 from . import compat
@@ -131,11 +132,13 @@ class PatchState:
         self.sites = {s.key: s for s in sites}
         self.inter = inter
         self.intra = intra
+        self.prompt_kv = PromptKVCache()
 
     def ensure_device(self, device: torch.device) -> None:
         param = next(self.modules.parameters())
         if param.device != device:
             self.modules.to(device)
+            self.prompt_kv.clear()
 
     def __deepcopy__(self, memo):  # ModelPatcher.clone() deep-copies model_options; weights are shared
         return self
@@ -151,6 +154,7 @@ class _PatchCallable:
         try:
             if isinstance(device_or_dtype, (torch.device, str)):
                 self.state.modules.to(device_or_dtype)
+                self.state.prompt_kv.clear()
         except Exception:  # noqa: BLE001 - torch may be half torn down at exit
             pass
         return self
@@ -191,7 +195,7 @@ class InjectLayerAttention(_PatchCallable):
         self.state.ensure_device(n.device)
         module = self.state.modules.site_module(site)
         delta = module(x + n, run.roles, run.slots, run.context, inter=self.state.inter, intra=self.state.intra,
-                       context_index=run.context_index)
+                       context_index=run.context_index, kv_store=run.kv_store)
         run.fired.add(key)
         return n + delta
 
@@ -205,6 +209,7 @@ class LayerRun:
     slots: int
     context: torch.Tensor
     context_index: torch.Tensor
+    kv_store: dict | None = None
     fired: set = field(default_factory=set)
 
 
@@ -229,7 +234,8 @@ class LayeredApplyModel(_PatchCallable):
             raise LayoutError(f"LayerDiff: {x.shape[0]} latent rows but {slot_info.shape[0]} layer rows.")
         roles = roles_for_rows(slot_info, self.state.modules.config.max_foregrounds).to(x.device)
         distinct, index = distinct_rows(context)
-        run = LayerRun(roles=roles, slots=slots, context=distinct, context_index=index.to(x.device))
+        run = LayerRun(roles=roles, slots=slots, context=distinct, context_index=index.to(x.device),
+                       kv_store=self.state.prompt_kv.lookup(distinct, x.dtype))
         options = dict(transformer_options or {})
         options[RUN_KEY] = run
         out = self.inner(x, t, *args, transformer_options=options, **kwargs)

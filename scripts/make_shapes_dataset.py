@@ -22,7 +22,8 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 
-from layerdiff_model.dataset import write_sample, write_shards  # noqa: E402
+from layerdiff_model.dataset_shards import write_shards  # noqa: E402
+from layerdiff_model.sample_files import write_sample  # noqa: E402
 from layerdiff_model.errors import LayerDiffError  # noqa: E402
 from layerdiff_model.shapes import GENERATOR, config_for_split, generate_samples  # noqa: E402
 

@@ -21,7 +21,7 @@ if str(REPO_ROOT) not in sys.path:
 import argparse  # noqa: E402
 import json  # noqa: E402
 
-from layerdiff_model.dataset import validate_dataset  # noqa: E402
+from layerdiff_model.dataset_validation import validate_dataset  # noqa: E402
 from layerdiff_model.errors import LayerDiffError  # noqa: E402
 
 

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from layerdiff_model import dataset as D  # noqa: E402
+from layerdiff_model.dataset_shards import _split_member  # noqa: E402
 from layerdiff_model.errors import DatasetError  # noqa: E402
 from layerdiff_model.slots import unpack  # noqa: E402
 
@@ -83,6 +84,16 @@ def test_composite_formula_top_layer_wins():
     masks = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[1.0, 1.0], [0.0, 0.0]]]])  # [N=2, 1, 2, 2]
     out = D.composite(bg, fgs, masks)
     assert torch.allclose(out[0], torch.tensor([[0.9, 0.5], [0.1, 0.1]]))
+
+
+def test_composite_is_compose_channel_first_and_the_facade_exports_every_name():
+    from layerdiff_model.compose import LayeredImages, compose
+    g = torch.Generator().manual_seed(3)
+    bg, fgs, masks = torch.rand(2, 3, 5, 4, generator=g), torch.rand(2, 3, 3, 5, 4, generator=g), \
+        torch.rand(2, 3, 1, 5, 4, generator=g)  # [B,3,H,W], [B,N,3,H,W], soft [B,N,1,H,W]
+    channel_last = LayeredImages(bg.movedim(1, -1), fgs.movedim(2, -1), masks[:, :, 0])
+    assert torch.allclose(D.composite(bg, fgs, masks).movedim(1, -1), compose(channel_last), atol=1e-6)
+    assert all(hasattr(D, name) for name in D.__all__) and len(set(D.__all__)) == len(D.__all__)
 
 
 # ----------------------------------------------------------------------------------------------- breakage
@@ -220,7 +231,7 @@ def test_shards_round_trip_in_webdataset_layout(tmp_path):
 def test_member_key_split_matches_webdataset():
     for name in ["k1.sample.json", "k1.foreground_12.png", "dir.x/k2.mask_1.png", "a/b/c.background.png"]:
         m = WEBDATASET_KEY.match(name)
-        assert D._split_member(name) == (m.group(1), m.group(2))
+        assert _split_member(name) == (m.group(1), m.group(2))
     with pytest.raises(DatasetError, match="key"):
         D.write_shards([("bad.key", make_sample(1))], "/nonexistent-never-created", 1)
 

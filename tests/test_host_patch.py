@@ -155,3 +155,27 @@ def test_controlnet_apply_on_global_conditioning_works_with_layered_sampling(tin
     plain, _ = sample(random_patched, pos, neg, latent)
     with_cn, _ = sample(random_patched, controlled, neg, latent)
     assert torch.isfinite(with_cn).all() and (with_cn - plain).abs().max() > 1e-4
+
+
+def test_layer_prompt_keys_values_are_projected_once_per_sampling_run_with_the_same_result(tiny, monkeypatch):
+    """The intra-layer attention projects the layer prompts once per run (not once per step): the sampled
+    latent is the same as with the cache switched off, and the projection runs once per distinct prompt set."""
+    model, clip, _ = tiny
+    a = adapter()
+    patched = a.apply_patch(model, tiny_modules(model, random=True, seed=5), "test")
+    state = a.patch_state(patched, "test")
+    site = next(iter(state.sites.values()))
+    calls = []
+    handle = state.modules.site_module(site).intra.to_k.register_forward_hook(lambda *args: calls.append(1))
+    pos, neg, n = encode(clip, ["a red circle", "a blue square"])
+    latent = empty_latent(n, batch=2)
+    try:
+        cached, _ = sample(patched, pos, neg, latent, steps=4, smg_scale=0.5, smg_start_percent=0.0)
+        projections_cached = len(calls)
+        calls.clear()
+        monkeypatch.setattr(type(state.prompt_kv), "lookup", lambda self, context, dtype: None)
+        uncached, _ = sample(patched, pos, neg, latent, steps=4, smg_scale=0.5, smg_start_percent=0.0)
+    finally:
+        handle.remove()
+    assert torch.equal(cached, uncached)
+    assert projections_cached <= 2 < len(calls)  # cond+uncond batch and the SMG uncond pass, vs every call

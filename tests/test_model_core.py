@@ -188,3 +188,44 @@ def test_distinct_context_rows_give_the_same_layer_block_output():
     trainable = rows.clone().requires_grad_(True)
     kept, identity = distinct_rows(trainable)
     assert kept is trainable and torch.equal(identity, torch.arange(10))
+
+
+def test_prompt_keys_and_values_are_reused_across_calls_only_while_valid():
+    """Sampling reuses the layer prompts' keys/values across steps: same output, projected once; a weight
+    update (training) or recorded gradients never see stale ones."""
+    from layerdiff_model.attention import IntraLayerCrossAttention
+    from layerdiff_model.prompt_kv_cache import PromptKVCache
+
+    torch.manual_seed(0)
+    attn = IntraLayerCrossAttention(32, 4, 48)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    calls = []
+    attn.to_k.register_forward_hook(lambda *a: calls.append(1))
+    context, x = torch.randn(3, 5, 48), torch.randn(3, 16, 32)
+    cache = PromptKVCache(max_entries=2)
+    with torch.no_grad():
+        reference = attn(x, context)
+        calls.clear()
+        outs = [attn(x, context, kv_store=cache.lookup(context.clone(), x.dtype)) for _ in range(3)]
+        assert len(calls) == 1 and all(torch.equal(o, reference) for o in outs)
+        attn.to_k.weight.add_(0.5)  # an optimizer step
+        updated = attn(x, context, kv_store=cache.lookup(context, x.dtype))
+        assert len(calls) == 2 and torch.equal(updated, attn(x, context))
+        for other in (torch.randn(3, 5, 48), torch.randn(3, 5, 48)):
+            cache.lookup(other, x.dtype)
+        assert len(cache) == 2  # bounded
+    assert cache.lookup(context, x.dtype) is None  # gradients recorded: never cached
+
+
+def test_prompt_kv_cache_works_with_weights_loaded_in_inference_mode():
+    """ComfyUI's executor loads weights under torch.inference_mode: those tensors have no version counter."""
+    from layerdiff_model.attention import IntraLayerCrossAttention
+    from layerdiff_model.prompt_kv_cache import PromptKVCache
+
+    with torch.inference_mode():
+        attn = IntraLayerCrossAttention(32, 4, 48)
+    context, x, cache = torch.randn(3, 5, 48), torch.randn(3, 16, 32), PromptKVCache()
+    with torch.inference_mode():
+        first = attn(x, context, kv_store=cache.lookup(context, x.dtype))
+        assert torch.equal(attn(x, context, kv_store=cache.lookup(context, x.dtype)), first)

@@ -25,7 +25,7 @@ from . import train_state
 from .ema import EMA
 from .train_log import TrainLogger
 from .training_config import SCRIPT, TrainConfig, TrainConfigError, check_resume_compatible
-from .training_data import BatchStream, first_prompts, open_dataset, training_images
+from .training_data import BatchStream, base_model_images, first_prompts, open_dataset, training_images
 from .slots import unpack
 from .validation_grid import layer_row, save_grid
 
@@ -41,6 +41,7 @@ class TrainableModel(Protocol):
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]: ...
     def encode_images(self, images: torch.Tensor) -> torch.Tensor: ...  # [R,3,H,W] in [0,1] -> latents [R,4,h,w]
     def encode_prompts(self, global_prompts: Sequence[str], layer_prompts: Sequence[Sequence[str]] | None) -> Any: ...
+    def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor: ...  # per-row noise std of the timesteps
     def noise_latents(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
     def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, conds: Any) -> torch.Tensor: ...
     def autograd_context(self) -> ContextManager: ...
@@ -127,6 +128,17 @@ def autocast_context(config: TrainConfig, device: torch.device) -> ContextManage
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def epsilon_loss(pred: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor | None = None,
+                 min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """Epsilon MSE over all rows; with ``sigmas`` (per row) and ``min_snr_gamma`` > 0, each row's MSE is weighted by
+    min(1, gamma / SNR) with SNR = 1 / sigma^2 (Min-SNR weighting for epsilon prediction)."""
+    if sigmas is None or min_snr_gamma <= 0:
+        return torch.nn.functional.mse_loss(pred, noise)
+    per_row = ((pred - noise) ** 2).flatten(1).mean(1)
+    weight = (min_snr_gamma * sigmas.float() ** 2).clamp(max=1.0)
+    return (per_row * weight).mean()
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, model: TrainableModel, dist: Distributed | None = None, dataset=None):
         self.config, self.model, self.dist = config, model, dist or Distributed()
@@ -151,16 +163,37 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- one step
     def micro_step(self, batch: dict[str, Any]) -> float:
         """Forward and backward of one micro-batch; returns its epsilon loss (``last_mask_loss`` holds the
-        mask read-out loss)."""
+        mask read-out loss). A host that mutates tensors saved for backward makes the first micro-step fail: the
+        model switches to mutation-safe autograd (``use_mutation_safe_autograd``) and the micro-step is repeated
+        with the same random draws, so the run is the same as if it had started that way."""
+        state = self.generator.get_state()
+        try:
+            return self._micro_step(batch)
+        except RuntimeError as exc:
+            switch = getattr(self.model, "use_mutation_safe_autograd", None)
+            if "modified by an inplace operation" not in str(exc) or switch is None or not switch():
+                raise
+            LOG.warning("The host modified a tensor saved for backward; continuing with mutation-safe autograd "
+                        "(slower).")
+            self.generator.set_state(state)
+            for p in self.params:
+                p.grad = None
+            return self._micro_step(batch)
+
+    def _micro_step(self, batch: dict[str, Any]) -> float:
         cfg, model, gen = self.config, self.model, self.generator
-        images, rows = training_images(batch, cfg.composites)
-        b = len(batch["global_prompts"])
+        if cfg.composites:  # base model: every image is its own sample
+            images, prompts = base_model_images(batch, cfg.layer_images)
+            rows = 1
+        else:
+            (images, rows), prompts = training_images(batch, False), batch["global_prompts"]
+        b = len(prompts)
         drop = (torch.rand(b, generator=gen) < cfg.prompt_dropout).tolist()
         timesteps = torch.randint(0, model.num_timesteps, (b,), generator=gen).repeat_interleave(rows)
         with torch.no_grad():
             latents = model.encode_images(images.to(model.device))
         noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(model.device)
-        global_prompts = ["" if d else p for d, p in zip(drop, batch["global_prompts"])]
+        global_prompts = ["" if d else p for d, p in zip(drop, prompts)]
         layer_prompts = None if cfg.composites else [[""] * len(lp) if d else list(lp)
                                                      for d, lp in zip(drop, batch["layer_prompts"])]
         timesteps = timesteps.to(model.device)
@@ -169,7 +202,8 @@ class Trainer:
                 conds = model.encode_prompts(global_prompts, layer_prompts)
                 noisy = model.noise_latents(latents, noise, timesteps)
                 pred = model.predict_noise(noisy, timesteps, conds)
-            loss = torch.nn.functional.mse_loss(pred.float(), noise)
+            loss = epsilon_loss(pred.float(), noise, model.sigmas(timesteps) if cfg.min_snr_gamma > 0 else None,
+                                cfg.min_snr_gamma)
             total = loss
             readout = getattr(model, "mask_readout", None)
             if readout is not None and not cfg.composites and cfg.mask_loss_weight > 0:

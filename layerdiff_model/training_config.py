@@ -37,6 +37,7 @@ class TrainConfig:
     seed: int = 0
     train: str = "modules"
     composites: bool = False
+    layer_images: bool = False
     max_foregrounds: int = 3
     inter_layer: bool = True
     intra_layer: bool = True
@@ -47,6 +48,8 @@ class TrainConfig:
     grad_accum: int = 1
     mixed_precision: str = "no"
     grad_checkpointing: bool = False
+    cache_latents: bool = False
+    cache_text: bool = False
     ema_decay: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -62,6 +65,7 @@ class TrainConfig:
     resume: bool = False
     stop_after: int = 0
     prompt_dropout: float = 0.1
+    min_snr_gamma: float = 0.0
     mask_loss_weight: float = 1.0
     toy_model: bool = False
     threads: int = 0
@@ -92,9 +96,9 @@ class TrainConfig:
 
 
 # What a checkpoint's tensors, data order and noise depend on: a resumed run must use the same values.
-RESUME_FIXED_FIELDS = ("train", "composites", "max_foregrounds", "inter_layer", "intra_layer", "enhancer",
-                       "enhancer_width", "enhancer_depth", "resolution", "batch_size", "grad_accum", "seed",
-                       "prompt_dropout", "ema_decay", "lr_schedule", "mask_loss_weight")
+RESUME_FIXED_FIELDS = ("train", "composites", "layer_images", "max_foregrounds", "inter_layer", "intra_layer",
+                       "enhancer", "enhancer_width", "enhancer_depth", "resolution", "batch_size", "grad_accum",
+                       "seed", "prompt_dropout", "ema_decay", "lr_schedule", "mask_loss_weight", "min_snr_gamma")
 
 
 def check_resume_compatible(saved: Mapping[str, Any], config: TrainConfig, source: str) -> None:
@@ -132,6 +136,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         problems.append(f"--lr must be positive, got {config.lr}")
     if config.composites and config.trains_modules:
         problems.append("--composites trains the base model on whole images: use it with --train unet")
+    if config.layer_images and not config.composites:
+        problems.append("--layer-images adds layer images to base-model training: use it with --composites")
     if not config.composites and config.train == "unet":
         problems.append("--train unet without --composites would train the UNet with LayerDiff disabled: add "
                         "--composites (base-model training) or use --train modules+unet")
@@ -173,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'unet' with --composites: base-model training, output = full SD1.5 checkpoint")
     g.add_argument("--composites", action="store_true",
                    help="train on each sample's composite image with its global prompt, without the LayerDiff patch")
+    g.add_argument("--layer-images", action="store_true",
+                   help="with --composites: also train on each sample's background and foreground layer images with "
+                        "their own layer prompts (a base model that can draw each layer alone)")
     g.add_argument("--max-foregrounds", type=int, default=d.max_foregrounds,
                    help="most foreground layers the weights support (role embeddings); larger samples are an error")
     g.add_argument("--no-inter-layer", dest="inter_layer", action="store_false",
@@ -195,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0 = off)")
     g.add_argument("--prompt-dropout", type=float, default=d.prompt_dropout,
                    help="probability of replacing all prompts of a sample by empty prompts (for CFG)")
+    g.add_argument("--min-snr-gamma", type=float, default=d.min_snr_gamma,
+                   help="Min-SNR loss weighting (Hang et al. 2023): weight each sample's epsilon loss by "
+                        "min(1, gamma / SNR(t)), i.e. less weight on low-noise steps; 5 is the paper's value "
+                        "(0 = plain epsilon MSE)")
     g.add_argument("--mask-loss-weight", type=float, default=d.mask_loss_weight,
                    help="weight of the mask read-out loss (the 1x1 latent->mask probe self-mask guidance uses, "
                         "trained on the clean mask-slot latents)")
@@ -204,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype; master weights stay fp32 (fp16 uses a gradient scaler on CUDA)")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute UNet res/transformer blocks in backward: less memory, ~30%% more time")
+    g.add_argument("--cache-latents", action="store_true",
+                   help="VAE-encode each distinct training image once and keep its latent in memory (exact: the VAE "
+                        "is frozen and images are not augmented; memory grows with the dataset: 64 KiB per slot at "
+                        "512x512)")
+    g.add_argument("--cache-text", action="store_true",
+                   help="run the frozen text encoder once per distinct prompt and keep the embedding in memory "
+                        "(exact; worth it when prompts repeat, e.g. the shapes benchmark)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of module init, data order, noise and timesteps")
     g = p.add_argument_group("checkpoints, logging, validation")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,

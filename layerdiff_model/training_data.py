@@ -100,6 +100,20 @@ def training_images(batch: dict[str, Any], composites: bool) -> tuple[torch.Tens
     return composite(background, foregrounds, masks[:, :, :1]), 1
 
 
+def base_model_images(batch: dict[str, Any], layer_images: bool) -> tuple[torch.Tensor, list[str]]:
+    """Base-model training pairs: (images [R, 3, H, W], one prompt per image). Each sample's composite with its
+    global prompt; with ``layer_images`` also its background and each foreground layer image, each with its own
+    layer prompt (the masks are not base-model images)."""
+    images, _ = training_images(batch, composites=True)
+    prompts = list(batch["global_prompts"])
+    if not layer_images:
+        return images, prompts
+    n = batch["num_foregrounds"]
+    background, foregrounds, _ = unpack(batch["slots"], n)
+    layers = torch.cat([background[:, None], foregrounds], dim=1).flatten(0, 1)  # [(b, 1 + n), 3, H, W]
+    return torch.cat([images, layers]), prompts + [p for lp in batch["layer_prompts"] for p in lp]
+
+
 def first_prompts(dataset, count: int) -> list[tuple[str, list[str]]]:
     """(global prompt, layer prompts) of the first ``count`` usable samples: the fixed validation prompts."""
     out: list[tuple[str, list[str]]] = []

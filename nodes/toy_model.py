@@ -226,26 +226,35 @@ def _clip_init_name(checkpoint_key: str) -> str:
     return "clip_l." + checkpoint_key[len(CLIP_KEY_PREFIX):]
 
 
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def _regenerate(entry: dict, seed: int) -> torch.Tensor:
+    """The tensor of one recipe entry, in the stored dtype. ``round``: the dtype the values were rounded through
+    (ComfyUI keeps a CPU text encoder in fp16, so a checkpoint saved from a loaded model holds fp16-rounded values)."""
     shape = tuple(entry["shape"])
     if entry["kind"] == "fill":
-        return torch.full(shape, float(entry["value"]), dtype=torch.float32)
-    values = torch.empty(shape, dtype=torch.float32)
-    _init_param_(values, entry["name"], False, seed, float(entry["std"]))
-    return values
+        values = torch.full(shape, float(entry["value"]), dtype=torch.float32)
+    else:
+        values = torch.empty(shape, dtype=torch.float32)
+        _init_param_(values, entry["name"], False, seed, float(entry["std"]))
+    values = values.to(_DTYPES[entry.get("round", "float32")])
+    return values.to(_DTYPES[entry.get("dtype", "float32")])
 
 
 def _clip_recipe(checkpoint: dict, seed: int) -> tuple[list[dict], dict]:
     """Split the checkpoint's text encoder into tensors regenerable from ``seed`` (recipe) and the rest (kept)."""
     recipe, kept = [], {}
     for key in sorted(k for k in checkpoint if k.startswith(CLIP_KEY_PREFIX)):
-        tensor = checkpoint[key].float()
-        candidates = [{"kind": "randn", "name": _clip_init_name(key), "std": 0.02}]
+        tensor = checkpoint[key].float()  # for the constant check
+        dtype = str(checkpoint[key].dtype).replace("torch.", "")
+        candidates = [{"kind": "randn", "name": _clip_init_name(key), "std": 0.02, "round": r}
+                      for r in ("float32", "float16", "bfloat16")]
         if tensor.numel() and bool((tensor == tensor.reshape(-1)[0]).all()):
             candidates.insert(0, {"kind": "fill", "value": float(tensor.reshape(-1)[0])})
         for entry in candidates:
-            entry = {"key": key, "shape": list(tensor.shape), **entry}
-            if tensor.ndim and torch.equal(_regenerate(entry, seed), tensor):
+            entry = {"key": key, "shape": list(tensor.shape), "dtype": dtype, **entry}
+            if dtype in _DTYPES and tensor.ndim and torch.equal(_regenerate(entry, seed), checkpoint[key]):
                 recipe.append(entry)
                 break
         else:
@@ -258,7 +267,7 @@ def _clip_digest(tensors: list[torch.Tensor]) -> str:
 
     digest = hashlib.sha256()
     for t in tensors:
-        digest.update(t.contiguous().numpy().tobytes())
+        digest.update(t.float().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

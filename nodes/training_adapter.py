@@ -11,11 +11,14 @@ own model code, so what is trained is exactly what runs in the nodes.
 - ComfyUI's ``apply_model`` takes ``x = latent + sigma * noise`` and returns the denoised ``x - sigma * eps`` for
   eps models; the predicted noise is ``(x - denoised) / sigma`` with ``sigma = model_sampling.sigmas[t]``,
   t uniform over the 1000 DDPM steps (the DDPM epsilon objective in ComfyUI's parametrisation).
-- 2024 ComfyUI adds residuals in place: forward and backward run inside
-  ``torch.autograd.graph.allow_mutation_on_saved_tensors()``.
+- 2024 ComfyUI adds attention residuals in place: the transformer blocks' norm1/norm2 get a copy of their input
+  (forward pre-hooks); any other in-place autograd error switches the run to
+  ``torch.autograd.graph.allow_mutation_on_saved_tensors()`` (exact, slower) and repeats that micro-step.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import tempfile
@@ -77,6 +80,22 @@ def load_base_checkpoint(path: str, toy_model: bool = False):
     return model, clip, vae
 
 
+# --cache-latents / --cache-text: frozen-encoder outputs, shared by the training runs of one process (e.g. the
+# shapes benchmark's base, full and ablation runs), keyed by a fingerprint of the encoder and the image / prompt.
+_LATENT_CACHE: dict[tuple[str, bytes], torch.Tensor] = {}
+_TEXT_CACHE: dict[tuple[str, str], tuple] = {}
+
+
+def _fingerprint(module: torch.nn.Module) -> str:
+    """Identifies an encoder's weights (every tensor's shape and a sample of its values) for the caches."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 class ComfyTrainingModel:
     """LayerDiff (or, with --composites, plain SD1.5) training through ComfyUI's patched model."""
 
@@ -105,6 +124,8 @@ class ComfyTrainingModel:
         if config.grad_checkpointing:
             blocks = self.modules.blocks if self.modules is not None else None
             LOG.info("Gradient checkpointing on %d UNet layers", unet_checkpointing.enable(self.unet, blocks))
+        self._mutation_safe_autograd = False
+        self._residual_hooks = self._protect_in_place_residuals()
         self._ensure_loaded()
 
     def _build_modules(self, config: TrainConfig):
@@ -136,17 +157,73 @@ class ComfyTrainingModel:
         return params
 
     def autograd_context(self):
-        return torch.autograd.graph.allow_mutation_on_saved_tensors()
+        if self._mutation_safe_autograd:
+            return torch.autograd.graph.allow_mutation_on_saved_tensors()
+        return contextlib.nullcontext()
+
+    def use_mutation_safe_autograd(self) -> bool:
+        """Fallback after an in-place autograd error: run forward and backward under
+        ``allow_mutation_on_saved_tensors`` (exact, but every op goes through a Python dispatch mode: several times
+        slower on small models). Returns False when it is already on."""
+        if self._mutation_safe_autograd:
+            return False
+        self._mutation_safe_autograd = True
+        return True
+
+    def _protect_in_place_residuals(self) -> list:
+        """2024 ComfyUI's BasicTransformerBlock adds its attention outputs in place (``x += n``) into the tensor
+        that ``norm1`` / ``norm2`` saved for backward. A forward pre-hook hands those norms a copy, so backward reads
+        the values they saw (numerically identical; same state-dict keys)."""
+        if not compat.transformer_blocks_mutate_in_place():
+            return []
+        from comfy.ldm.modules.attention import BasicTransformerBlock
+
+        def copy_input(_module, args):
+            return (args[0].clone(), *args[1:])
+
+        return [getattr(block, name).register_forward_pre_hook(copy_input)
+                for block in self.unet.modules() if isinstance(block, BasicTransformerBlock)
+                for name in ("norm1", "norm2") if isinstance(getattr(block, name, None), torch.nn.Module)]
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.config.cache_latents:
+            return self._encode_images(images)
+        vae = self._fingerprint(self.vae.first_stage_model)
+        keys = [(vae, hashlib.blake2b(img.float().cpu().numpy().tobytes(), digest_size=16).digest())
+                for img in images]
+        missing = [i for i, k in enumerate(keys) if k not in _LATENT_CACHE]
+        if missing:
+            with torch.no_grad():
+                for i, latent in zip(missing, self._encode_images(images[missing])):
+                    _LATENT_CACHE[keys[i]] = latent.cpu()
+        return torch.stack([_LATENT_CACHE[k] for k in keys]).to(self.device)
+
+    def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
         latents = self.vae.encode(images.movedim(1, -1).float().cpu())
         return self.base.model.process_latent_in(latents.to(self.device)).float()
 
+    def _fingerprint(self, module: torch.nn.Module) -> str:
+        cache = self.__dict__.setdefault("_fingerprints", {})
+        if id(module) not in cache:
+            cache[id(module)] = _fingerprint(module)
+        return cache[id(module)]
+
+    def _encode_text(self, clip, text: str):
+        """The frozen text encoder's (cond, pooled), once per distinct prompt with ``--cache-text``."""
+        if not self.config.cache_text:
+            return host_adapter.encode_text(clip, text)
+        key = (self._fingerprint(clip.cond_stage_model), text)
+        if key not in _TEXT_CACHE:
+            with torch.no_grad():
+                _TEXT_CACHE[key] = host_adapter.encode_text(clip, text)
+        return _TEXT_CACHE[key]
+
     def _conditioning(self, global_prompt: str, layer_prompts: Sequence[str] | None, track_grad: bool) -> list:
         if layer_prompts is None:
-            cond, pooled = host_adapter.encode_text(self.clip, global_prompt)
+            cond, pooled = self._encode_text(self.clip, global_prompt)
             return [[cond, {"pooled_output": pooled}]]
-        conditioning = host_adapter.encode_layered(self.clip, global_prompt, list(layer_prompts))
+        conditioning = host_adapter.encode_layered(self.clip, global_prompt, list(layer_prompts),
+                                                   encode=self._encode_text)
         if self.modules is not None and self.modules.enhancer is not None:
             conditioning = host_adapter.enhance(conditioning, self.modules, SCRIPT, track_grad=track_grad)
         return conditioning

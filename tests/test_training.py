@@ -97,6 +97,34 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, checkpoint, l
     assert worst < 1e-5  # recomputation repeats the same float operations
 
 
+def test_caches_and_fast_autograd_give_the_same_gradients(tmp_path, checkpoint, layered_data):
+    """--cache-latents/--cache-text reuse the frozen VAE/text encoder outputs, and the default autograd path (no
+    ``allow_mutation_on_saved_tensors``, with copy hooks on hosts that add residuals in place) must give exactly
+    what the mutation-safe fallback gives."""
+    plain = trainer_for(options(tmp_path, checkpoint, layered_data, "a", prompt_dropout=0.0, train="modules+unet"))
+    cached = trainer_for(options(tmp_path, checkpoint, layered_data, "b", prompt_dropout=0.0, train="modules+unet",
+                                 cache_latents=True, cache_text=True))
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(plain.named_params, cached.named_params):
+            if a.dim() > 1 and a.abs().sum() == 0:
+                a.copy_(torch.randn_like(a) * 0.02)
+            b.copy_(a)
+    for _ in range(2):  # same batches in both; the second cached pass reads the caches
+        loss_a, grads_a = one_step_grads(plain)
+        loss_b, grads_b = one_step_grads(cached)
+        assert loss_b == pytest.approx(loss_a, rel=1e-6)
+        for k in grads_a:
+            torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-5, atol=1e-8)
+    assert training()._LATENT_CACHE and training()._TEXT_CACHE
+    assert not plain.model._mutation_safe_autograd  # the fast path ran on this host
+    assert plain.model.use_mutation_safe_autograd()
+    loss_a, grads_a = one_step_grads(plain)
+    loss_c, grads_c = one_step_grads(cached.model.use_mutation_safe_autograd() and cached)
+    assert loss_c == pytest.approx(loss_a, rel=1e-6)
+    for k in grads_a:
+        torch.testing.assert_close(grads_c[k], grads_a[k], rtol=1e-5, atol=1e-8)
+
+
 def test_loss_decreases_when_overfitting_one_sample(tmp_path, checkpoint, layered_data):
     one = tmp_path / "one"
     shutil.copytree(layered_data / "000", one / "000")

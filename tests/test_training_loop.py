@@ -227,3 +227,32 @@ def test_config_errors_name_the_option():
     assert as_config(["--checkpoint", "c", "--data", "d", "--out", "o", "--run-dir", "r", "--train", "unet",
                       "--composites"]).trains_unet
     json.dumps(as_config(base).to_dict())
+
+
+def test_min_snr_weighting_down_weights_low_noise_rows():
+    from layerdiff_model import training
+
+    pred, noise = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)  # per-row MSE 1
+    sigmas = torch.tensor([0.1, 10.0])  # SNR 100 (low noise) and 0.01 (high noise)
+    plain = training.epsilon_loss(pred, noise)
+    weighted = training.epsilon_loss(pred, noise, sigmas, min_snr_gamma=5.0)
+    assert float(plain) == pytest.approx(1.0)
+    assert float(weighted) == pytest.approx((5.0 / 100 + 1.0) / 2)  # min(1, gamma / SNR) per row
+    assert float(training.epsilon_loss(pred, noise, sigmas, min_snr_gamma=0.0)) == pytest.approx(1.0)
+
+
+def test_base_model_images_add_each_layer_with_its_own_prompt(data):
+    from layerdiff_model.training_data import BatchStream, base_model_images, open_dataset
+
+    batch = next(iter(BatchStream(open_dataset(str(data), 32, 0), 2, 0)))
+    n = batch["num_foregrounds"]
+    composites, prompts = base_model_images(batch, layer_images=False)
+    assert composites.shape[0] == 2 and prompts == list(batch["global_prompts"])
+    images, prompts = base_model_images(batch, layer_images=True)
+    assert images.shape[0] == 2 + 2 * (1 + n) == len(prompts)
+    torch.testing.assert_close(images[:2], composites)
+    assert prompts[2:] == [p for lp in batch["layer_prompts"] for p in lp]
+    torch.testing.assert_close(images[2], batch["slots"][0])  # sample 0's background slot
+    torch.testing.assert_close(images[3 + n], batch["slots"][2 * n + 1])  # sample 1's background slot
+    with pytest.raises(TrainConfigError, match="--layer-images"):
+        as_config(["--checkpoint", "x", "--data", "y", "--out", "z.safetensors", "--run-dir", "r", "--layer-images"])

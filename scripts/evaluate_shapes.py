@@ -1,0 +1,236 @@
+#!/usr/bin/env python
+"""Evaluate LayerDiff on held-out shapes prompts through the real ComfyUI nodes (the shapes proof of learning).
+
+For every test sample (scripts/make_shapes_dataset.py --split test: colour/shape pairs never seen in training)
+the prompts are run through Load Checkpoint -> LayerDiff Load Weights -> LayerDiff Apply -> LayerDiff Layer Prompt
+Encode -> LayerDiff Enhance Layer Prompts -> LayerDiff Empty Layered Latent -> [Self-Attention Guidance] ->
+LayerDiff SMG KSampler -> VAE Decode -> LayerDiff Split Layers, and the layers are scored with
+layerdiff_model/shapes_eval.py. Each --run names weights and guidance:
+
+    --run full=runs/full.safetensors                      CFG (smg_scale 0)
+    --run full+smg=runs/full.safetensors,guidance=smg     self-mask guidance (--smg-scale)
+    --run full+sag=runs/full.safetensors,guidance=sag     ComfyUI's Self-Attention Guidance node + CFG
+    --run untrained=zero                                  zero-initialised modules (= the base model in every slot)
+    --run no-inter=runs/no_inter.safetensors              (the weights' own config switches branches off)
+
+Every run uses the same seeds per sample. Also reported: the scorer on the dataset's own layers ("ground truth")
+and the chance level.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent
+REPO_ROOT = SCRIPTS.parent
+for p in (str(REPO_ROOT), str(SCRIPTS)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import torch  # noqa: E402
+
+from layerdiff_model import shapes_eval  # noqa: E402
+from layerdiff_model.dataset import list_sample_folders, read_sample  # noqa: E402
+
+LOG = logging.getLogger("evaluate_shapes")
+GUIDANCE = ("cfg", "smg", "sag")
+
+
+def parse_run(text: str) -> dict:
+    name, _, spec = text.partition("=")
+    parts = spec.split(",")
+    run = {"name": name, "weights": parts[0], "guidance": "cfg"}
+    for part in parts[1:]:
+        key, _, value = part.partition("=")
+        run[key] = value
+    if not name or not run["weights"] or run["guidance"] not in GUIDANCE:
+        raise argparse.ArgumentTypeError(f"bad --run {text!r}: NAME=WEIGHTS|zero[,guidance=cfg|smg|sag]")
+    return run
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--checkpoint", required=True, type=Path, help="toy (or SD1.5) single-file checkpoint")
+    p.add_argument("--toy-model", action="store_true", help="register the toy SD1.5 config first")
+    p.add_argument("--data", required=True, type=Path, help="held-out shapes dataset folder")
+    p.add_argument("--run", action="append", type=parse_run, required=True, dest="runs")
+    p.add_argument("--count", type=int, default=48, help="test samples (the first COUNT of --data)")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--sampler", default="euler")
+    p.add_argument("--scheduler", default="normal")
+    p.add_argument("--smg-scale", type=float, default=0.5)
+    p.add_argument("--smg-start", type=float, default=0.2)
+    p.add_argument("--sag-scale", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=1000, help="sample i uses seed + i in every run")
+    p.add_argument("--out", required=True, type=Path, help="JSON results (a .md table is written next to it)")
+    p.add_argument("--vae-ceiling", action="store_true",
+                   help="also score the true layers after a VAE encode/decode round trip (what a perfect "
+                        "diffusion model could reach with this VAE)")
+    p.add_argument("--save-images", type=int, default=4, help="PNG sheet of the first N samples per run (0 = none)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--comfyui", default="", help="ComfyUI folder (default: $COMFYUI_PATH, else .cache/comfyui)")
+    return p.parse_args(argv)
+
+
+class NodeRunner:
+    """Runs our nodes and ComfyUI's core nodes (classic or 0.3.x V3 API) in this process."""
+
+    def __init__(self, comfy_headless):
+        import nodes
+
+        self.nodes = nodes
+        self.host = comfy_headless.host()
+        self.package = self.host.package.__name__
+
+    def __call__(self, name: str, **inputs) -> tuple:
+        cls = self.nodes.NODE_CLASS_MAPPINGS[name]
+        if hasattr(cls, "define_schema"):
+            return tuple(cls.execute(**inputs).args)
+        return tuple(getattr(cls(), cls.FUNCTION)(**inputs))
+
+    def module(self, name: str):
+        return importlib.import_module(f"{self.package}.{name}")
+
+    def install(self, folder: str, path: Path) -> str:
+        """Make ``path`` visible in the host's model ``folder``; returns the name the loaders list."""
+        import folder_paths
+
+        target = self.host.model_path(folder, path.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            os.symlink(path.resolve(), target)
+        getattr(folder_paths, "filename_list_cache", {}).pop(folder, None)
+        return path.name
+
+
+def build_run(run: dict, node: NodeRunner, model) -> dict:
+    if run["weights"] == "zero":
+        adapter = node.module("nodes.host_adapter")
+        config = adapter.config_for_model(model, max_foregrounds=int(run.get("max_foregrounds", 3)),
+                                          enhancer_width=int(run.get("enhancer_width", 64)))
+        modules = adapter.build_modules(config, seed=0, zero_outputs=True)
+    else:
+        (modules,) = node("LayerDiffLoadWeights", weights_name=node.install("layerdiff", Path(run["weights"])))
+    (patched,) = node("LayerDiffApply", model=model, layerdiff=modules)
+    return {**run, "modules": modules, "model": patched, "scores": [], "seconds": 0.0}
+
+
+def sample_one(run: dict, node: NodeRunner, vae, cond: tuple, num_fg: int, seed: int, args) -> object:
+    positive, negative = node("LayerDiffEnhancePrompts", layerdiff=run["modules"], positive=cond[0], negative=cond[1])
+    (latent,) = node("LayerDiffEmptyLatent", width=64, height=64, foregrounds=num_fg, batch_size=1)
+    model, smg = run["model"], 0.0
+    if run["guidance"] == "sag":
+        (model,) = node("SelfAttentionGuidance", model=model, scale=args.sag_scale, blur_sigma=2.0)
+    elif run["guidance"] == "smg":
+        smg = args.smg_scale
+    (samples,) = node("LayerDiffSMGSampler", model=model, seed=seed, steps=args.steps, cfg=args.cfg,
+                      sampler_name=args.sampler, scheduler=args.scheduler, positive=positive, negative=negative,
+                      latent_image=latent, denoise=1.0, smg_scale=smg, smg_start_percent=args.smg_start)
+    (images,) = node("VAEDecode", vae=vae, samples=samples)
+    return node("LayerDiffSplitLayers", images=images, samples=samples)[0]
+
+
+def vae_round_trip(node: NodeRunner, vae, layers, num_fg: int):
+    """The true layers through VAE Encode -> VAE Decode -> LayerDiff Split Layers (masks binarized there)."""
+    from layerdiff_model.compose import layers_to_slot_images
+
+    (latent,) = node("VAEEncode", pixels=layers_to_slot_images(layers), vae=vae)
+    (images,) = node("VAEDecode", vae=vae, samples=latent)
+    samples = node.module("nodes.host_adapter").make_layered_latent(latent["samples"], num_fg)
+    return node("LayerDiffSplitLayers", images=images, samples=samples)[0]
+
+
+def _file_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_")
+
+
+def save_sheet(path: Path, rows: list) -> None:
+    """One row per sample: background | fg_k, mask_k ... | composite."""
+    from PIL import Image
+
+    from layerdiff_model.compose import compose
+
+    tiles = []
+    for layers in rows:
+        row = [layers.background[0]]
+        for k in range(layers.foregrounds.shape[1]):
+            row += [layers.foregrounds[0, k], layers.masks[0, k, ..., None].expand(-1, -1, 3)]
+        row.append(compose(layers)[0])
+        tiles.append(torch.cat(row, dim=1))
+    width = max(t.shape[1] for t in tiles)
+    sheet = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[1])) for t in tiles], dim=0)
+    Image.fromarray((sheet.clamp(0, 1) * 255).round().byte().numpy()).save(path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    import comfy_headless
+
+    comfy_headless.boot(comfy_root=args.comfyui or None)
+    if args.toy_model:
+        comfy_headless.toy_model().register_toy_sd15()
+    node = NodeRunner(comfy_headless)
+    began = time.time()
+    with torch.no_grad():  # 2024 ComfyUI builds the CLIP with in-place copies into parameters
+        model, clip, vae = node("CheckpointLoaderSimple", ckpt_name=node.install("checkpoints", args.checkpoint))[:3]
+    runs = [build_run(run, node, model) for run in args.runs]
+    samples = [read_sample(f) for f in list_sample_folders(args.data)[:args.count]]
+    truth_scores, vae_scores, truths, sheets = [], [], [], {run["name"]: [] for run in runs}
+    for i, sample in enumerate(samples):
+        layers, truth = shapes_eval.truth_layers(sample)
+        truths.append(truth)
+        truth_scores.append(shapes_eval.score_sample(layers, 0, truth))
+        if args.vae_ceiling:
+            with torch.no_grad():
+                round_trip = vae_round_trip(node, vae, layers, len(sample.foreground_prompts))
+            vae_scores.append(shapes_eval.score_sample(round_trip, 0, truth))
+            if i < args.save_images:
+                sheets.setdefault("ground truth through the VAE", []).append(round_trip)
+        cond = node("LayerDiffPromptEncode", clip=clip, global_prompt=sample.global_prompt,
+                    background_prompt=sample.background_prompt,
+                    foreground_prompts="\n".join(sample.foreground_prompts), negative_prompt="")
+        for run in runs:
+            t = time.time()
+            with torch.no_grad():
+                generated = sample_one(run, node, vae, cond, len(sample.foreground_prompts), args.seed + i, args)
+            run["seconds"] += time.time() - t
+            run["scores"].append(shapes_eval.score_sample(generated, 0, truth))
+            if i < args.save_images:
+                sheets[run["name"]].append(generated)
+        if (i + 1) % 8 == 0:
+            LOG.info("%d / %d samples (%.0f s)", i + 1, len(samples), time.time() - began)
+    rows = {"chance": shapes_eval.chance_levels(truths), "ground truth layers": shapes_eval.summarize(truth_scores)}
+    if vae_scores:
+        rows["ground truth through the VAE"] = shapes_eval.summarize(vae_scores)
+    times = {}
+    for run in runs:
+        rows[run["name"]] = shapes_eval.summarize(run["scores"])
+        times[run["name"]] = f"{run['seconds'] / max(1, len(samples)):.2f} s/sample"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "runs"},
+              "runs": [{k: v for k, v in run.items() if k not in ("modules", "model", "scores")} for run in runs],
+              "summary": rows, "seconds_per_sample": {r["name"]: r["seconds"] / max(1, len(samples)) for r in runs},
+              "per_sample": {r["name"]: [shapes_eval.score_dict(s) for s in r["scores"]] for r in runs},
+              "seconds": round(time.time() - began, 1)}
+    args.out.write_text(json.dumps(result, indent=1, default=str))
+    table = shapes_eval.markdown_table(rows, times)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    for name, layers in sheets.items():
+        if layers:
+            save_sheet(args.out.with_name(f"{args.out.stem}_{_file_name(name)}.png"), layers)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -173,8 +173,8 @@ class Trainer:
             switch = getattr(self.model, "use_mutation_safe_autograd", None)
             if "modified by an inplace operation" not in str(exc) or switch is None or not switch():
                 raise
-            LOG.warning("The host modified a tensor saved for backward; continuing with mutation-safe autograd "
-                        "(slower).")
+            LOG.warning("The host modified a tensor saved for backward; repeating this step and continuing with "
+                        "mutation-safe autograd (exact; speed differs by model size).")
             self.generator.set_state(state)
             for p in self.params:
                 p.grad = None

@@ -125,6 +125,7 @@ class ComfyTrainingModel:
             blocks = self.modules.blocks if self.modules is not None else None
             LOG.info("Gradient checkpointing on %d UNet layers", unet_checkpointing.enable(self.unet, blocks))
         self._mutation_safe_autograd = False
+        self._fingerprints: dict[int, str] = {}
         self._residual_hooks = self._protect_in_place_residuals()
         self._ensure_loaded()
 
@@ -163,8 +164,9 @@ class ComfyTrainingModel:
 
     def use_mutation_safe_autograd(self) -> bool:
         """Fallback after an in-place autograd error: run forward and backward under
-        ``allow_mutation_on_saved_tensors`` (exact, but every op goes through a Python dispatch mode: several times
-        slower on small models). Returns False when it is already on."""
+        ``allow_mutation_on_saved_tensors`` (exact; every op then goes through a Python dispatch mode: about 30% slower
+        per step on the toy UNet, a little faster on SD1.5 on CPU; benchmarks/README.md). Returns False when it is
+        already on."""
         if self._mutation_safe_autograd:
             return False
         self._mutation_safe_autograd = True
@@ -203,10 +205,9 @@ class ComfyTrainingModel:
         return self.base.model.process_latent_in(latents.to(self.device)).float()
 
     def _fingerprint(self, module: torch.nn.Module) -> str:
-        cache = self.__dict__.setdefault("_fingerprints", {})
-        if id(module) not in cache:
-            cache[id(module)] = _fingerprint(module)
-        return cache[id(module)]
+        if id(module) not in self._fingerprints:
+            self._fingerprints[id(module)] = _fingerprint(module)
+        return self._fingerprints[id(module)]
 
     def _encode_text(self, clip, text: str):
         """The frozen text encoder's (cond, pooled), once per distinct prompt with ``--cache-text``."""

@@ -12,16 +12,15 @@ it was. Arrays are uint8 ``[H, W, 3]`` or ``[H, W, 4]``. Pure Python + numpy + P
 from __future__ import annotations
 
 import io
-import os
 import re
 import struct
-import tempfile
 import zipfile
 import zlib
-from typing import Callable, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 
+from .atomic_file import atomic_write  # noqa: F401  (also used by the save node)
 from .errors import LayerDiffError
 
 Layer = tuple[str, np.ndarray]  # (name, uint8 [H, W, 4] RGBA or [H, W, 3] RGB)
@@ -34,54 +33,6 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 class LayeredFileError(LayerDiffError, ValueError):
     """Layers cannot be written to, or read from, a layered file (wrong shapes or dtype, unsupported file)."""
-
-
-# ---------------------------------------------------------------------------------------------------- atomic
-def _file_mode() -> int:
-    """Mode for new files: 0o666 minus the process umask (mkstemp alone would leave 0o600)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o644
-
-
-def atomic_write(path: Union[str, os.PathLike], write: Callable[[io.BufferedWriter], None]) -> str:
-    """Call ``write(fh)`` on a temp file next to ``path``, fsync it and rename it into place. Returns the path.
-
-    On any error (including KeyboardInterrupt) the temp file is removed and ``path`` is untouched.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if os.name == "posix":
-            os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    if os.name == "posix":  # make the rename itself durable
-        try:
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- validation

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
+
+from .atomic_file import atomic_write
 
 LOG = logging.getLogger("LayerDiff.train")
 METRICS_FILE = "metrics.jsonl"
@@ -47,10 +48,7 @@ class TrainLogger:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda fh: fh.write("".join(k + "\n" for k in kept).encode()))
 
     def log(self, step: int, **values) -> None:
         if not self.enabled:

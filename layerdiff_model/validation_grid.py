@@ -4,7 +4,6 @@ Rows with fewer layers are padded with grey. Pure torch + PIL."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .atomic_file import atomic_path
 from .layered_sample import composite
 from .slots import num_foregrounds_from_slots
 
@@ -43,12 +43,6 @@ def save_grid(path: str | os.PathLike, rows: Sequence[torch.Tensor]) -> Path:
     """Write the grid as a PNG atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(grid_image(rows)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic_file import atomic_path
 from .config import FORMAT_NAME, FORMAT_VERSION, LayerDiffConfig
 from .errors import WeightsFileError
 from .modules import LayerDiffModules
@@ -36,17 +36,8 @@ def save_weights(path: str | os.PathLike, modules: LayerDiffModules, extra_metad
     for k, v in (extra_metadata or {}).items():
         metadata[str(k)] = v if isinstance(v, str) else json.dumps(v)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in modules.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 

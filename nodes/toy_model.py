@@ -302,9 +302,8 @@ def export_toy_assets(checkpoint_path: str | os.PathLike, layerdiff_path: str | 
     written = {"base": _atomic_save(tensors, out / TOY_BASE_ASSET, info)}
     if layerdiff_path is not None:
         target = toy_layerdiff_weights_path(out)
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(layerdiff_path, tmp)
-        os.replace(tmp, target)
+        with _atomic_file().atomic_path(target) as tmp:
+            shutil.copyfile(layerdiff_path, tmp)
         written["layerdiff"] = target
     return written
 
@@ -348,18 +347,28 @@ def assemble_toy_checkpoint(out_path: str | os.PathLike, assets_dir: str | os.Pa
     return _atomic_save(state, Path(out_path), {**keep, "format": "pt", "layerdiff_toy_model": "toy_sd15"})
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict) -> Path:
-    import tempfile
+def _atomic_file():
+    """``layerdiff_model.atomic_file``, also when this file is loaded on its own (scripts/comfy_headless.py)."""
+    try:
+        from ..layerdiff_model import atomic_file
+    except ImportError:
+        import importlib.util
+        import sys
 
+        name = "layerdiff_atomic_file"
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(
+                name, Path(__file__).resolve().parents[1] / "layerdiff_model" / "atomic_file.py")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules[name] = module
+        atomic_file = sys.modules[name]
+    return atomic_file
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict) -> Path:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _atomic_file().atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

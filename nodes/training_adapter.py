@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +31,7 @@ import comfy.sample
 import comfy.samplers
 import comfy.sd
 
+from ..layerdiff_model.atomic_file import atomic_path
 from ..layerdiff_model.errors import LayerDiffError, ModelFamilyError
 from ..layerdiff_model.training import Distributed, Trainer, distributed_from_env
 from ..layerdiff_model.training_config import SCRIPT, TrainConfig, as_config
@@ -300,14 +299,8 @@ def save_checkpoint_file(path: Path, model: ComfyTrainingModel, metadata: dict) 
     state = model.base.model.state_dict_for_saving(model.clip.get_sd(), model.vae.get_sd())
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt", **{k: str(v) for k, v in metadata.items()}})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

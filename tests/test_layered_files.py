@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from layerdiff_model import atomic_file
 from layerdiff_model import layered_files as F
 from layerdiff_model.errors import LayerDiffError
 
@@ -188,7 +189,7 @@ def test_failure_mid_write_removes_the_temp_file_and_keeps_the_old_file(tmp_path
     def boom(*args, **kwargs):
         assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the data went to a temp file first
         raise OSError("disk full")
-    monkeypatch.setattr(F.os, failing, boom)
+    monkeypatch.setattr(atomic_file.os, failing, boom)  # the writer every layered file goes through
     with pytest.raises(OSError, match="disk full"):
         write(target, layers, background, composite)
     monkeypatch.undo()
@@ -219,3 +220,26 @@ def test_successful_write_replaces_the_file_with_normal_permissions(tmp_path):
     assert target.read_bytes()[:4] == b"8BPS"
     assert (target.stat().st_mode & 0o777) == 0o644  # not mkstemp's 0o600
     assert listing(target.parent) == ["out.psd"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_weights_checkpoints_and_grids_get_normal_permissions(tmp_path):
+    """Every atomic writer shares layerdiff_model/atomic_file.py: no 0o600 files from mkstemp (a weights file
+    copied into another user's ComfyUI must be readable)."""
+    import torch
+
+    from layerdiff_model import train_state, validation_grid
+    from layerdiff_model.config import LayerDiffConfig, Site
+    from layerdiff_model.modules import LayerDiffModules
+    from layerdiff_model.weights import save_weights
+
+    old_umask = os.umask(0o022)
+    try:
+        config = LayerDiffConfig(sites=(Site("input", 1, 0, 32, 4),), context_dim=32, max_foregrounds=1)
+        written = [save_weights(tmp_path / "w.safetensors", LayerDiffModules(config)),
+                   train_state.atomic_torch_save({"x": torch.zeros(2)}, tmp_path / "c.pt"),
+                   validation_grid.save_grid(tmp_path / "g.png", [torch.rand(3, 3, 8, 8)])]
+    finally:
+        os.umask(old_umask)
+    assert [p.stat().st_mode & 0o777 for p in written] == [0o644] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "g.png", "w.safetensors"]

@@ -25,6 +25,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import process_memory  # noqa: E402
 
 SD15_YAML = {
     "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
@@ -119,23 +122,6 @@ def interleaved(fns: dict, repeats: int, device: str) -> dict:
                 "peak": max(v["peak"]) if v["peak"][0] is not None else None} for k, v in results.items()}
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def _child_peak_rss(argv, side: str) -> int:
     import subprocess
     cmd = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]),
@@ -196,9 +182,9 @@ def main(argv=None) -> int:
         model, layered = (base, False) if args.memory_side == "sd15" else (patched, True)
         run = unet(model, layered)
         run()
-        _reset_peak_rss()
+        process_memory.reset_peak_rss()
         run()
-        print(json.dumps({"peak_rss": _peak_rss()}))
+        print(json.dumps({"peak_rss": process_memory.peak_rss()}))
         return 0
 
     # UNet forward: unpatched vs patched. load_models_gpu switches which clone is patched in, so time each
@@ -220,7 +206,7 @@ def main(argv=None) -> int:
     prompt_kv.clear()  # first step of a run: the layer prompts' keys/values are projected
     flops["layerdiff_first"] = counted_flops(unet(patched, True))
     flops["layerdiff"] = counted_flops(unet(patched, True))  # later steps reuse them
-    if device == "cpu" and _reset_peak_rss():
+    if device == "cpu" and process_memory.reset_peak_rss():
         for key in ("sd15", "layerdiff"):
             forward[key]["peak"] = _child_peak_rss(argv, key)
 

@@ -25,6 +25,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
+import process_memory  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,30 +41,6 @@ def parse_args(argv=None):
     p.add_argument("--worker", default="", choices=("", "plain", "checkpointing", "mutation-safe"),
                    help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
 
 
 def worker(args, device: str, resolution: int, mixed: str) -> dict:
@@ -110,8 +88,8 @@ def worker(args, device: str, resolution: int, mixed: str) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    rss_before = _rss()
-    _reset_peak_rss()
+    rss_before = process_memory.rss()
+    process_memory.reset_peak_rss()
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -125,8 +103,8 @@ def worker(args, device: str, resolution: int, mixed: str) -> dict:
     if device == "cuda":
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     else:
-        result["peak_rss_bytes"] = _peak_rss()
-        result["rss_growth_bytes"] = _peak_rss() - rss_before
+        result["peak_rss_bytes"] = process_memory.peak_rss()
+        result["rss_growth_bytes"] = result["peak_rss_bytes"] - rss_before
     return result
 
 

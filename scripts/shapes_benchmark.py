@@ -33,13 +33,16 @@ for p in (str(REPO_ROOT), str(SCRIPTS)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+from layerdiff_model.training_config import LR_SCHEDULES  # noqa: E402 - after the path set-up
+
 # Settings of the reported run and of --quick. Every training stage uses the same script and the same
 # hyper-parameters except what the ablation switches off.
 FULL = {"train_count": 1000, "test_count": 32, "vae_steps": 60, "vae_crop": 0, "base_steps": 2400,
-        "base_batch": 16, "base_lr": 5e-4, "base_min_snr": 5.0, "module_steps": 500, "module_batch": 8,
-        "module_lr": 1e-3, "eval_steps": 12}
+        "base_batch": 16, "base_lr": 5e-4, "base_schedule": "constant", "base_min_snr": 5.0, "module_steps": 500,
+        "module_batch": 8, "module_lr": 1e-3, "eval_steps": 12}
 QUICK = {"train_count": 96, "test_count": 6, "vae_steps": 30, "vae_crop": 32, "base_steps": 30, "base_batch": 8,
-         "base_lr": 5e-4, "base_min_snr": 5.0, "module_steps": 20, "module_batch": 4, "module_lr": 5e-4, "eval_steps": 6}
+         "base_lr": 5e-4, "base_schedule": "constant", "base_min_snr": 5.0, "module_steps": 20, "module_batch": 4,
+         "module_lr": 5e-4, "eval_steps": 6}
 ABLATIONS = {"full": [], "no_intra": ["--no-intra-layer"], "no_inter": ["--no-inter-layer"],
              "no_enhancer": ["--no-enhancer"]}
 STAGES = ("data", "vae", "base", *ABLATIONS, "eval", "report")
@@ -68,7 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         key, _, value = item.partition("=")
         if key not in args.settings:
             p.error(f"--set {item}: unknown setting {key!r}")
-        args.settings[key] = type(args.settings[key])(value)
+        try:
+            args.settings[key] = type(args.settings[key])(value)
+        except ValueError:
+            p.error(f"--set {item}: {key} needs a {type(args.settings[key]).__name__}")
+    if args.settings["base_schedule"] not in LR_SCHEDULES:
+        p.error(f"--set base_schedule={args.settings['base_schedule']}: choose one of {', '.join(LR_SCHEDULES)}")
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
@@ -173,7 +181,7 @@ class Pipeline:
 
     def stage_base(self) -> None:
         self.train("--checkpoint", self.init_ckpt, "--train", "unet", "--composites",
-                   "--min-snr-gamma", self.s["base_min_snr"],
+                   "--min-snr-gamma", self.s["base_min_snr"], "--lr-schedule", self.s["base_schedule"],
                    *self.train_args(self.base, "base", self.s["base_steps"], self.s["base_batch"], self.s["base_lr"]))
 
     def stage_modules(self, name: str) -> None:

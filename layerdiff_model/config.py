@@ -51,6 +51,7 @@ class LayerDiffConfig:
     use_inter_layer: bool = True
     use_intra_layer: bool = True
     use_enhancer: bool = True
+    use_role_modulation: bool = True  # per-role scale/shift per block + per-role inter-layer attention bias
     base_family: str = BASE_FAMILY_SD15
     format_version: int = FORMAT_VERSION
     notes: dict = field(default_factory=dict)
@@ -68,6 +69,7 @@ class LayerDiffConfig:
     def from_json(cls, text: str) -> "LayerDiffConfig":
         raw = json.loads(text)
         raw["sites"] = tuple(Site(**s) for s in raw["sites"])
+        raw.setdefault("use_role_modulation", False)  # files written before role modulation existed
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 

@@ -24,7 +24,7 @@ class LayerDiffModules(nn.Module):
         self.blocks = nn.ModuleDict({
             site.name: LayerCollaborativeBlock(site.width, site.heads, config.context_dim, roles,
                                                config.use_inter_layer, config.use_intra_layer,
-                                               dtype, device, operations)
+                                               dtype, device, operations, config.use_role_modulation)
             for site in config.sites
         })
         self.enhancer = (LayerPromptEnhancer(config.context_dim, config.enhancer_depth, config.enhancer_heads,
@@ -66,7 +66,8 @@ class LayerDiffModules(nn.Module):
         return out.to(layer_tokens.device, layer_tokens.dtype)
 
 
-_OUTPUT_PROJECTIONS = ("inter.to_out.", "intra.to_out.", "self_out.", "cross_out.", "mlp_out.", "enhancer.proj_out.")
+_OUTPUT_PROJECTIONS = ("role.scale", "role.shift", "inter.role_bias", "inter.to_out.", "intra.to_out.", "self_out.",
+                       "cross_out.", "mlp_out.", "enhancer.proj_out.")
 
 
 def _is_output_projection(param_name: str) -> bool:

@@ -129,13 +129,24 @@ def autocast_context(config: TrainConfig, device: torch.device) -> ContextManage
 
 
 def epsilon_loss(pred: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor | None = None,
-                 min_snr_gamma: float = 0.0) -> torch.Tensor:
-    """Epsilon MSE over all rows; with ``sigmas`` (per row) and ``min_snr_gamma`` > 0, each row's MSE is weighted by
-    min(1, gamma / SNR) with SNR = 1 / sigma^2 (Min-SNR weighting for epsilon prediction)."""
-    if sigmas is None or min_snr_gamma <= 0:
+                 min_snr_gamma: float = 0.0, high_noise_weight: float = 0.0) -> torch.Tensor:
+    """Epsilon MSE over all rows, optionally weighted per row by the row's ``sigmas``.
+
+    In terms of the error of the predicted clean latent (x0 = x - sigma * eps, so x0-MSE = sigma^2 * eps-MSE, and
+    SNR = 1 / sigma^2) the plain epsilon loss weights x0 errors by SNR. The weight used here is
+    ``min(SNR, gamma) + high_noise_weight`` in x0 terms, i.e. per-row eps-MSE times
+    ``min(1, gamma * sigma^2) + high_noise_weight * sigma^2``:
+    - ``min_snr_gamma`` > 0 caps the weight of nearly clean rows (Min-SNR weighting, Hang et al. 2023);
+    - ``high_noise_weight`` > 0 keeps x0 errors of very noisy rows from vanishing (1 = the weighting of the
+      v-prediction objective, ``SNR + 1``). Plain SNR weighting leaves the steps where a sampler lays out the
+      image almost untrained on a small model: its x0 predictions there end up worse than predicting the mean.
+    """
+    if sigmas is None or (min_snr_gamma <= 0 and high_noise_weight <= 0):
         return torch.nn.functional.mse_loss(pred, noise)
     per_row = ((pred - noise) ** 2).flatten(1).mean(1)
-    weight = (min_snr_gamma * sigmas.float() ** 2).clamp(max=1.0)
+    sigma2 = sigmas.float() ** 2
+    weight = (min_snr_gamma * sigma2).clamp(max=1.0) if min_snr_gamma > 0 else torch.ones_like(sigma2)
+    weight = weight + high_noise_weight * sigma2
     return (per_row * weight).mean()
 
 
@@ -202,8 +213,9 @@ class Trainer:
                 conds = model.encode_prompts(global_prompts, layer_prompts)
                 noisy = model.noise_latents(latents, noise, timesteps)
                 pred = model.predict_noise(noisy, timesteps, conds)
-            loss = epsilon_loss(pred.float(), noise, model.sigmas(timesteps) if cfg.min_snr_gamma > 0 else None,
-                                cfg.min_snr_gamma)
+            weighted = cfg.min_snr_gamma > 0 or cfg.high_noise_weight > 0
+            loss = epsilon_loss(pred.float(), noise, model.sigmas(timesteps) if weighted else None,
+                                cfg.min_snr_gamma, cfg.high_noise_weight)
             total = loss
             readout = getattr(model, "mask_readout", None)
             if readout is not None and not cfg.composites and cfg.mask_loss_weight > 0:

@@ -42,6 +42,7 @@ class TrainConfig:
     inter_layer: bool = True
     intra_layer: bool = True
     enhancer: bool = True
+    role_modulation: bool = True
     enhancer_width: int = 0
     enhancer_depth: int = 2
     init_weights: str = ""
@@ -66,6 +67,7 @@ class TrainConfig:
     stop_after: int = 0
     prompt_dropout: float = 0.1
     min_snr_gamma: float = 0.0
+    high_noise_weight: float = 0.0
     mask_loss_weight: float = 1.0
     toy_model: bool = False
     threads: int = 0
@@ -97,8 +99,9 @@ class TrainConfig:
 
 # What a checkpoint's tensors, data order and noise depend on: a resumed run must use the same values.
 RESUME_FIXED_FIELDS = ("train", "composites", "layer_images", "max_foregrounds", "inter_layer", "intra_layer",
-                       "enhancer", "enhancer_width", "enhancer_depth", "resolution", "batch_size", "grad_accum",
-                       "seed", "prompt_dropout", "ema_decay", "lr_schedule", "mask_loss_weight", "min_snr_gamma")
+                       "enhancer", "role_modulation", "enhancer_width", "enhancer_depth", "resolution", "batch_size",
+                       "grad_accum", "seed", "prompt_dropout", "ema_decay", "lr_schedule", "mask_loss_weight", "min_snr_gamma",
+                       "high_noise_weight")
 
 
 def check_resume_compatible(saved: Mapping[str, Any], config: TrainConfig, source: str) -> None:
@@ -141,6 +144,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     if not config.composites and config.train == "unet":
         problems.append("--train unet without --composites would train the UNet with LayerDiff disabled: add "
                         "--composites (base-model training) or use --train modules+unet")
+    if config.min_snr_gamma < 0 or config.high_noise_weight < 0:
+        problems.append("--min-snr-gamma and --high-noise-weight must be >= 0 (0 = off)")
     if config.stop_after < 0 or config.checkpoint_every < 0 or config.validate_every < 0:
         problems.append("--stop-after, --checkpoint-every and --validate-every must be >= 0")
     if problems:
@@ -189,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-intra-layer", dest="intra_layer", action="store_false",
                    help="build without text-guided intra-layer attention (ablation)")
     g.add_argument("--no-enhancer", dest="enhancer", action="store_false", help="build without the prompt enhancer")
+    g.add_argument("--no-role-modulation", dest="role_modulation", action="store_false",
+                   help="build without the slot-role conditioning (per-role scale/shift of each block's hidden "
+                        "states, per-role inter-layer attention bias); ablation: slots then learn their role only "
+                        "through attention")
     g.add_argument("--enhancer-width", type=int, default=d.enhancer_width,
                    help="prompt enhancer width (0 = CLIP width 768; smaller = bottleneck)")
     g.add_argument("--enhancer-depth", type=int, default=d.enhancer_depth, help="prompt enhancer layers")
@@ -208,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Min-SNR loss weighting (Hang et al. 2023): weight each sample's epsilon loss by "
                         "min(1, gamma / SNR(t)), i.e. less weight on low-noise steps; 5 is the paper's value "
                         "(0 = plain epsilon MSE)")
+    g.add_argument("--high-noise-weight", type=float, default=d.high_noise_weight,
+                   help="add this weight times sigma(t)^2 to each sample's epsilon-loss weight, so that errors of "
+                        "the predicted clean image at high noise count (1 = the v-prediction objective's SNR+1 "
+                        "weighting; 0 = off). Helps small models whose early sampling steps are otherwise untrained")
     g.add_argument("--mask-loss-weight", type=float, default=d.mask_loss_weight,
                    help="weight of the mask read-out loss (the 1x1 latent->mask probe self-mask guidance uses, "
                         "trained on the clean mask-slot latents)")

@@ -1,13 +1,17 @@
 """The toy SD1.5-architecture model family: what the shapes benchmark, the bundled toy weights and the tests run.
 
-SD1.5 weights cannot be downloaded on every machine, so the project also runs on a tiny model with SD1.5's exact
+SD1.5 weights cannot be downloaded on every machine, so the project also runs on tiny models with SD1.5's exact
 architecture (same blocks, transformer sites, context width 768 and latent format) at a fraction of the width:
-UNet ``model_channels`` 32 with channel_mult [1, 2], a 2-layer CLIP-L text encoder (tokenizer shipped in ComfyUI)
-and a TAESD-topology VAE (ComfyUI's VAE loader hard-codes SD's VAE width, TAESD is what it accepts small).
+UNet ``model_channels`` 32 or 64 (:data:`TOY_WIDTHS`) with channel_mult [1, 2], a 2-layer CLIP-L text encoder
+(tokenizer shipped in ComfyUI) and a TAESD-topology VAE (ComfyUI's VAE loader hard-codes SD's VAE width, TAESD is
+what it accepts small). Width 32 is the tests' model (fastest). The shapes model is width 64
+(:data:`SHAPES_TOY_WIDTH`): SD1.5's GroupNorm has 32 groups, so at width 32 every norm is a per-channel instance
+norm that erases each channel's spatial mean, which on an 8x8 latent is a large part of the noise the UNet must
+predict (docs/SHAPES_BENCHMARK.md); from width 64 on, a group holds several channels, as in SD1.5 (10 per group).
 
 ComfyUI's model detection only knows SD1.5 at width 320, so a toy checkpoint loads through
 CheckpointLoaderSimple only after :func:`register_toy_sd15` (called by our scripts and tests, never at import:
-nothing in ComfyUI is changed by importing the extension). The registered config subclasses ComfyUI's SD15, so
+nothing in ComfyUI is changed by importing the extension). The registered configs subclass ComfyUI's SD15, so
 every SD1.5 family check passes. Requires ComfyUI to be importable; nothing here imports it at module import time.
 """
 from __future__ import annotations
@@ -20,6 +24,8 @@ import torch
 
 TOY_CLIP_CONFIG = Path(__file__).resolve().parent / "toy_clip_l_config.json"
 DEFAULT_SEED = 20240301
+TOY_WIDTHS = (32, 64)  # UNet model_channels of the registered toy configs
+SHAPES_TOY_WIDTH = 64
 
 # The toy UNet in the LDM yaml layout that comfy.model_detection.convert_config reads.
 TOY_UNET_YAML = {
@@ -41,26 +47,29 @@ TOY_UNET_YAML = {
     "use_temporal_resblock": False,
 }
 
-_REGISTERED: dict[str, type] = {}
+_REGISTERED: dict[int, type] = {}
 
 
-def register_toy_sd15() -> type:
-    """Add the toy SD1.5 config to ComfyUI's model detection (idempotent) and return it."""
-    if "ToySD15" in _REGISTERED:
-        return _REGISTERED["ToySD15"]
-    import comfy.supported_models as supported
+def register_toy_sd15(width: int = 32) -> type:
+    """Add the toy SD1.5 configs (every width in :data:`TOY_WIDTHS`) to ComfyUI's model detection (idempotent) and
+    return the one of ``width``."""
+    if width not in TOY_WIDTHS:
+        raise ValueError(f"no toy SD1.5 config of width {width}; toy widths are {TOY_WIDTHS}")
+    if not _REGISTERED:
+        import comfy.supported_models as supported
 
-    for known in supported.models:  # registered by another import of this file (e.g. the custom-node package)
-        if getattr(known, "layerdiff_toy_model", False):
-            _REGISTERED["ToySD15"] = known
-            return known
-    toy = _make_toy_sd15_class(supported)
-    supported.models.insert(0, toy)
-    _REGISTERED["ToySD15"] = toy
-    return toy
+        for known in supported.models:  # registered by another import of this file (e.g. the custom-node package)
+            toy_width = getattr(known, "layerdiff_toy_model", None)
+            if toy_width in TOY_WIDTHS:
+                _REGISTERED[toy_width] = known
+        for w in TOY_WIDTHS:
+            if w not in _REGISTERED:
+                _REGISTERED[w] = _make_toy_sd15_class(supported, w)
+                supported.models.insert(0, _REGISTERED[w])
+    return _REGISTERED[width]
 
 
-def _make_toy_sd15_class(supported) -> type:
+def _make_toy_sd15_class(supported, width: int) -> type:
     from comfy import sd1_clip, supported_models_base
 
     class ToyClipL(sd1_clip.SDClipModel):
@@ -77,15 +86,21 @@ def _make_toy_sd15_class(supported) -> type:
             super().__init__(device=device, dtype=dtype, **kwargs)
 
     class ToySD15(supported.SD15):
-        """Toy SD1.5 config (UNet model_channels 32, 2-layer CLIP-L)."""
+        """Toy SD1.5 config (UNet model_channels ``width``, 2-layer CLIP-L)."""
 
-        unet_config = {**supported.SD15.unet_config, "model_channels": 32}
-        layerdiff_toy_model = True
+        unet_config = {**supported.SD15.unet_config, "model_channels": width}
+        layerdiff_toy_model = width
 
         def clip_target(self, *args, **kwargs):
             return supported_models_base.ClipTarget(sd1_clip.SD1Tokenizer, ToySD1ClipModel)
 
+    ToySD15.__name__ = ToySD15.__qualname__ = f"ToySD15W{width}"
     return ToySD15
+
+
+def toy_unet_yaml(width: int = 32) -> dict:
+    """The toy UNet of ``width`` in the LDM yaml layout."""
+    return {**TOY_UNET_YAML, "model_channels": int(width)}
 
 
 def toy_unet_config(yaml_config: dict | None = None) -> dict:
@@ -136,11 +151,11 @@ def cpu_model_config(config_class: type, unet_config: dict):
     return model_config
 
 
-def build_toy_sd15_model(seed: int = DEFAULT_SEED):
-    """The toy SD1.5 ``BaseModel`` (UNet initialised, on CPU, float32), built by ComfyUI's model classes."""
-    config_class = register_toy_sd15()
+def build_toy_sd15_model(seed: int = DEFAULT_SEED, width: int = 32):
+    """The toy SD1.5 ``BaseModel`` of UNet ``width`` (initialised, on CPU, float32), built by ComfyUI's classes."""
+    config_class = register_toy_sd15(width)
     with torch.no_grad():
-        model = cpu_model_config(config_class, toy_unet_config()).get_model({})
+        model = cpu_model_config(config_class, toy_unet_config(toy_unet_yaml(width))).get_model({})
     init_weights_(model.diffusion_model, seed)
     return model
 
@@ -186,12 +201,13 @@ def toy_checkpoint_state_dict(model, clip_sd: dict, vae_sd: dict, dtype: torch.d
 
 def make_toy_sd15_checkpoint(path: str | os.PathLike, seed: int = DEFAULT_SEED, vae: str = "taesd",
                              dtype: torch.dtype = torch.float32, metadata: dict | None = None,
-                             vae_state_dict: dict | None = None) -> Path:
+                             vae_state_dict: dict | None = None, width: int = 32) -> Path:
     """Write a single-file SD1.5-layout checkpoint of the toy model with random weights to ``path`` (atomically).
 
-    ``vae_state_dict``: use these VAE weights (e.g. a trained TAESD) instead of random ones of kind ``vae``.
+    ``vae_state_dict``: use these VAE weights (e.g. a trained TAESD) instead of random ones of kind ``vae``;
+    ``width``: the UNet's model_channels (:data:`TOY_WIDTHS`).
     """
-    model = build_toy_sd15_model(seed)
+    model = build_toy_sd15_model(seed, width)
     clip_sd = build_toy_clip(model.model_config, seed).state_dict()
     vae_sd = vae_state_dict if vae_state_dict is not None else build_vae_module(vae, seed).state_dict()
     tensors = toy_checkpoint_state_dict(model, clip_sd, vae_sd, dtype)
@@ -280,8 +296,8 @@ def export_toy_assets(checkpoint_path: str | os.PathLike, layerdiff_path: str | 
     regenerable exactly (or is stored as is when small). Host-free (safetensors + torch only).
     """
     import json
-    import shutil
 
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     checkpoint = load_file(str(checkpoint_path))
@@ -300,11 +316,12 @@ def export_toy_assets(checkpoint_path: str | os.PathLike, layerdiff_path: str | 
     out = Path(assets_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {"base": _atomic_save(tensors, out / TOY_BASE_ASSET, info)}
-    if layerdiff_path is not None:
-        target = toy_layerdiff_weights_path(out)
-        with _atomic_file().atomic_path(target) as tmp:
-            shutil.copyfile(layerdiff_path, tmp)
-        written["layerdiff"] = target
+    if layerdiff_path is not None:  # same file in ``dtype`` (the loader casts to the UNet's dtype)
+        with safe_open(str(layerdiff_path), framework="pt") as fh:
+            layer_meta = fh.metadata() or {}
+            layer_tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        layer_tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in layer_tensors.items()}
+        written["layerdiff"] = _atomic_save(layer_tensors, toy_layerdiff_weights_path(out), layer_meta)
     return written
 
 

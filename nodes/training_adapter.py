@@ -136,6 +136,7 @@ class ComfyTrainingModel:
         cfg = host_adapter.config_for_model(
             self.base, max_foregrounds=config.max_foregrounds, use_inter_layer=config.inter_layer,
             use_intra_layer=config.intra_layer, use_enhancer=config.enhancer, enhancer_width=config.enhancer_width,
+            use_role_modulation=config.role_modulation,
             enhancer_depth=config.enhancer_depth)
         return host_adapter.build_modules(cfg, seed=config.seed).to(self.device)
 

@@ -37,12 +37,13 @@ from layerdiff_model.training_config import LR_SCHEDULES  # noqa: E402 - after t
 
 # Settings of the reported run and of --quick. Every training stage uses the same script and the same
 # hyper-parameters except what the ablation switches off.
-FULL = {"train_count": 1000, "test_count": 32, "vae_steps": 60, "vae_crop": 0, "base_steps": 2400,
-        "base_batch": 16, "base_lr": 5e-4, "base_schedule": "constant", "base_min_snr": 5.0, "module_steps": 500,
-        "module_batch": 8, "module_lr": 1e-3, "eval_steps": 12}
-QUICK = {"train_count": 96, "test_count": 6, "vae_steps": 30, "vae_crop": 32, "base_steps": 30, "base_batch": 8,
-         "base_lr": 5e-4, "base_schedule": "constant", "base_min_snr": 5.0, "module_steps": 20, "module_batch": 4,
-         "module_lr": 5e-4, "eval_steps": 6}
+FULL = {"train_count": 1000, "test_count": 48, "vae_steps": 0, "vae_crop": 0, "unet_width": 64,
+        "base_steps": 3000, "base_batch": 16, "base_lr": 5e-4, "base_schedule": "cosine", "base_min_snr": 5.0,
+        "high_noise_weight": 1.0, "module_steps": 1000, "module_batch": 8, "module_lr": 1e-3,
+        "module_schedule": "constant", "eval_steps": 12}
+QUICK = {"train_count": 96, "test_count": 6, "vae_steps": 30, "vae_crop": 32, "unet_width": 64, "base_steps": 30,
+         "base_batch": 8, "base_lr": 5e-4, "base_schedule": "constant", "base_min_snr": 5.0, "high_noise_weight": 1.0,
+         "module_steps": 20, "module_batch": 4, "module_lr": 5e-4, "module_schedule": "constant", "eval_steps": 6}
 ABLATIONS = {"full": [], "no_intra": ["--no-intra-layer"], "no_inter": ["--no-inter-layer"],
              "no_enhancer": ["--no-enhancer"]}
 STAGES = ("data", "vae", "base", *ABLATIONS, "eval", "report")
@@ -75,12 +76,16 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.settings[key] = type(args.settings[key])(value)
         except ValueError:
             p.error(f"--set {item}: {key} needs a {type(args.settings[key]).__name__}")
-    if args.settings["base_schedule"] not in LR_SCHEDULES:
-        p.error(f"--set base_schedule={args.settings['base_schedule']}: choose one of {', '.join(LR_SCHEDULES)}")
+    for key in ("base_schedule", "module_schedule"):
+        if args.settings[key] not in LR_SCHEDULES:
+            p.error(f"--set {key}={args.settings[key]}: choose one of {', '.join(LR_SCHEDULES)}")
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
         p.error(f"unknown stages {unknown}; choose from {list(STAGES)}")
+    if args.settings["vae_steps"] == 0 and not args.vae and "vae" in args.stages:
+        p.error("vae_steps is 0 (the VAE is taken as it is): pass --vae, e.g. --vae "
+                "assets/toy_shapes/toy_shapes_base.safetensors, or train one with --set vae_steps=N")
     return args
 
 
@@ -149,7 +154,7 @@ class Pipeline:
     def stage_vae(self) -> None:
         argv = ["--data", self.train_data, "--test-data", self.test_data, "--out-vae", self.vae,
                 "--out-checkpoint", self.init_ckpt, "--steps", self.s["vae_steps"], "--crop", self.s["vae_crop"],
-                "--seed", self.args.seed,
+                "--seed", self.args.seed, "--unet-width", self.s["unet_width"],
                 "--threads", self.args.threads, "--max-samples", self.s["train_count"]]
         if self.args.vae:
             argv += ["--init-vae", self.args.vae.resolve()]
@@ -160,7 +165,7 @@ class Pipeline:
                 "--batch-size", batch, "--steps", steps, "--lr", lr, "--lr-warmup", min(50, steps // 10),
                 "--seed", self.args.seed, "--toy-model", "--threads", self.args.threads, "--checkpoint-every", 0,
                 "--validate-every", 0, "--log-every", 25, "--no-progress", "--max-foregrounds", MAX_FOREGROUNDS,
-                "--cache-latents", "--cache-text"]
+                "--high-noise-weight", self.s["high_noise_weight"], "--cache-latents", "--cache-text"]
 
     def train(self, *argv) -> None:
         """scripts/train_layerdiff.py's ``train()`` in this process, so that the frozen encoders' outputs
@@ -186,8 +191,9 @@ class Pipeline:
 
     def stage_modules(self, name: str) -> None:
         self.train("--checkpoint", self.base, "--train", "modules", "--enhancer-width", ENHANCER_WIDTH,
-                   *ABLATIONS[name], *self.train_args(self.weights(name), name, self.s["module_steps"],
-                                                      self.s["module_batch"], self.s["module_lr"]))
+                   "--lr-schedule", self.s["module_schedule"], *ABLATIONS[name],
+                   *self.train_args(self.weights(name), name, self.s["module_steps"], self.s["module_batch"],
+                                    self.s["module_lr"]))
 
     def stage_eval(self) -> None:
         full = self.weights("full")

@@ -54,11 +54,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0, help="VAE init and training order")
     p.add_argument("--clip-seed", type=int, default=None, help="seed of the random UNet and CLIP (default: toy)")
+    p.add_argument("--unet-width", type=int, default=64,
+                   help="model_channels of the initial checkpoint's toy UNet (32 or 64; the shapes model is 64)")
     p.add_argument("--init-vae", type=Path, help="continue from these TAESD weights (or the VAE of a toy checkpoint) instead of a random VAE")
     p.add_argument("--save-every", type=int, default=50, help="save --out-vae every N steps (0 = at the end only)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--comfyui", default="", help="ComfyUI folder (default: $COMFYUI_PATH, else .cache/comfyui)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.unet_width not in (32, 64):
+        p.error(f"--unet-width {args.unet_width}: the toy UNet widths are 32 and 64")
+    return args
 
 
 def image_pool(folder: Path, max_samples: int) -> torch.Tensor:
@@ -157,7 +162,7 @@ def main(argv=None) -> int:
               "train_images": len(train_images), "test_images": len(test_images)}
     if args.out_checkpoint:
         seed = toy.DEFAULT_SEED if args.clip_seed is None else args.clip_seed
-        toy.make_toy_sd15_checkpoint(args.out_checkpoint, seed=seed, vae_state_dict=state,
+        toy.make_toy_sd15_checkpoint(args.out_checkpoint, seed=seed, vae_state_dict=state, width=args.unet_width,
                                      metadata={"layerdiff_toy_vae": "trained on shapes"})
         report["checkpoint"] = str(args.out_checkpoint)
     report["seconds"] = round(time.time() - began, 1)

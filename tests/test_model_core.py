@@ -1,4 +1,5 @@
 """Pure unit tests of the host-free model package (no ComfyUI)."""
+import json
 import os
 import subprocess
 import sys
@@ -79,6 +80,30 @@ def test_inter_layer_attention_mixes_only_within_a_sample():
     no_inter = block(x2, roles, 3, ctx, inter=False, intra=True)
     ref = block(x, roles, 3, ctx, inter=False, intra=True)
     assert torch.allclose(no_inter[0], ref[0])  # without inter-layer attention slots are independent
+
+
+def test_role_modulation_tells_a_mask_slot_from_its_foreground():
+    """fg_1 and mask_1 read the same prompt; with identical inputs only the role can make them differ."""
+    info = slots.slot_info_table(1)  # [background, fg_1, mask_1]
+    roles = slots.roles_for_rows(info, 3)
+    x = torch.randn(1, 4, 32).repeat(3, 1, 1)  # the same hidden state in every slot
+    ctx = torch.randn(1, 5, 768).repeat(3, 1, 1)
+    for use_role, differs in ((False, False), (True, True)):
+        block = make_modules(zero=False, seed=2, use_role_modulation=use_role).blocks["input_1_0"]
+        with torch.no_grad():
+            for name, p in block.named_parameters():
+                if name.startswith("role.") and name != "role.norm.weight":
+                    p.normal_()  # a trained role table (zero at init)
+        delta = block(x, roles, 3, ctx, inter=False, intra=True)
+        assert (not torch.allclose(delta[1], delta[2])) is differs
+
+
+def test_weights_written_before_role_modulation_still_load():
+    old = LayerDiffConfig(sites=SITES, use_role_modulation=False)
+    raw = json.loads(old.to_json())
+    del raw["use_role_modulation"]  # a file of format version 1 from before the option existed
+    assert LayerDiffConfig.from_json(json.dumps(raw)) == old
+    assert LayerDiffConfig.from_json(LayerDiffConfig(sites=SITES).to_json()).use_role_modulation
 
 
 def test_token_repetition_leaves_attention_unchanged():

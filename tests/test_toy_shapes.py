@@ -19,9 +19,10 @@ import layerdiff_host as ld
 from layerdiff_model import shapes
 from layerdiff_model.shapes_eval import content_region
 
-SEED = 3
+SEEDS = tuple(range(8))
+MIN_PASSING = 7  # of SEEDS; measured pass rate of the shipped weights: docs/SHAPES_BENCHMARK.md ("end-to-end test")
 STEPS = 16
-RED_SHARE_MIN = 0.6  # "mostly red"; seed sweep of the shipped weights: docs/SHAPES_BENCHMARK.md ("end-to-end test")
+RED_SHARE_MIN = 0.6  # "mostly red"
 IOU_MIN = 0.5
 
 
@@ -48,7 +49,7 @@ def toy_shapes_models(comfyui):
     return model, clip, vae, weights.name
 
 
-def generate(models, prompt: str, background: str, seed: int = SEED):
+def generate(models, prompt: str, background: str, seed: int):
     """One layered image through our nodes + the core VAE Decode; returns (foreground [H,W,3], mask [H,W])."""
     model, clip, vae, weights = models
     (modules,) = ld.node("LayerDiffLoadWeights").load(weights)
@@ -73,24 +74,35 @@ def red_share(foreground: torch.Tensor, mask: torch.Tensor) -> float:
     return float((nearest == list(shapes.COLOURS).index("red")).float().mean())
 
 
-# The acceptance test of issue 3, on the shipped weights (9000-step base, 3000 module steps). Deterministic on CPU
-# for given weights; docs/SHAPES_BENCHMARK.md reports how often these weights pass over seeds 0-7 (red circle: 4 of 8).
-def test_red_circle_layer_is_red_inside_its_mask_and_mask_covers_the_circle(toy_shapes_models):
-    torch.set_num_threads(1)
-    fg, mask = generate(toy_shapes_models, "a red circle", "a plain blue background")
-    assert mask.sum() > 30, "the mask of the red circle layer is (almost) empty"
+def red_circle_check(models, seed: int) -> tuple[bool, str]:
+    """Prompt one layer "a red circle" on "a plain blue background": (passed, what was measured)."""
+    fg, mask = generate(models, "a red circle", "a plain blue background", seed)
     share = red_share(fg, mask)
-    assert share >= RED_SHARE_MIN, f"only {share:.0%} of the masked foreground is red"
     red = np.asarray(content_region(fg, "red"))  # where the layer is nearer red than the neutral grey
     iou = shapes.mask_iou(mask.numpy(), red)
-    assert iou >= IOU_MIN, f"mask IoU with the layer's red circle {iou:.2f} < {IOU_MIN}"
+    area = int(mask.sum())
+    passed = area > 30 and share >= RED_SHARE_MIN and iou >= IOU_MIN
+    return passed, f"seed {seed}: mask {area} px, {share:.0%} red inside it, IoU with the red region {iou:.2f}"
+
+
+# The acceptance test of issue 3, on the shipped weights, over several seeds (deterministic on CPU for given
+# weights): at least MIN_PASSING of SEEDS must give a layer that is mostly red inside its mask, with a mask where the
+# red circle is. docs/SHAPES_BENCHMARK.md ("end-to-end test") reports the measured pass rate.
+def test_red_circle_layer_is_red_inside_its_mask_and_mask_covers_the_circle(toy_shapes_models):
+    torch.set_num_threads(1)
+    results = [red_circle_check(toy_shapes_models, seed) for seed in SEEDS]
+    passed = sum(ok for ok, _ in results)
+    assert passed >= MIN_PASSING, f"{passed} of {len(SEEDS)} seeds pass (need {MIN_PASSING}):\n" + \
+        "\n".join(text for _, text in results)
 
 
 def test_prompt_colour_changes_the_layer(toy_shapes_models):
-    """Same seed, other colour: the layer follows its own prompt (the red-circle test is not a constant)."""
-    red_fg, red_mask = generate(toy_shapes_models, "a red circle", "a plain blue background")
-    fg, mask = generate(toy_shapes_models, "a green square", "a plain white background")
-    assert red_share(red_fg, red_mask) >= RED_SHARE_MIN and red_share(fg, mask) < 0.2
+    """Same seeds, other colour: the layer follows its own prompt (the red-circle test is not a constant)."""
+    torch.set_num_threads(1)
+    red = [red_share(*generate(toy_shapes_models, "a red circle", "a plain blue background", s)) for s in SEEDS]
+    green = [red_share(*generate(toy_shapes_models, "a green square", "a plain white background", s)) for s in SEEDS]
+    assert max(green) < 0.2, f"a green square layer came out red: red shares {green}"
+    assert np.mean(red) - np.mean(green) > 0.5, (red, green)
 
 
 # ------------------------------------------------------------------------------------------------ asset tooling
@@ -132,6 +144,10 @@ def test_shipped_assets_are_small_and_the_weights_load():
 
     sizes = {p.name: p.stat().st_size for p in t.TOY_ASSETS_DIR.glob("*.safetensors")}
     assert set(sizes) == {t.TOY_BASE_ASSET, t.TOY_LAYERDIFF_ASSET}
-    assert sum(sizes.values()) < 12 * 2**20, sizes
+    assert sum(sizes.values()) < 24 * 2**20, sizes
+    from safetensors import safe_open
+
+    with safe_open(str(t.TOY_ASSETS_DIR / t.TOY_BASE_ASSET), framework="pt") as fh:
+        assert fh.get_slice("model.diffusion_model.input_blocks.0.0.weight").get_shape()[0] == t.SHAPES_TOY_WIDTH
     config = load_config(t.toy_layerdiff_weights_path())
     assert config.base_family == "sd15" and config.max_foregrounds >= 1

@@ -241,6 +241,21 @@ def test_min_snr_weighting_down_weights_low_noise_rows():
     assert float(training.epsilon_loss(pred, noise, sigmas, min_snr_gamma=0.0)) == pytest.approx(1.0)
 
 
+def test_high_noise_weight_keeps_x0_errors_of_noisy_rows():
+    from layerdiff_model import training
+
+    pred, noise = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)  # per-row eps-MSE 1
+    sigmas = torch.tensor([0.1, 10.0])
+    # v-prediction weighting (SNR + 1 in x0 terms) = eps-MSE * (1 + sigma^2)
+    v_like = training.epsilon_loss(pred, noise, sigmas, high_noise_weight=1.0)
+    assert float(v_like) == pytest.approx(((1 + 0.01) + (1 + 100.0)) / 2)
+    both = training.epsilon_loss(pred, noise, sigmas, min_snr_gamma=5.0, high_noise_weight=0.5)
+    assert float(both) == pytest.approx(((0.05 + 0.5 * 0.01) + (1.0 + 0.5 * 100.0)) / 2)
+    with pytest.raises(TrainConfigError, match="--high-noise-weight"):
+        as_config(["--checkpoint", "x", "--data", "y", "--out", "z.safetensors", "--run-dir", "r",
+                   "--high-noise-weight", "-1"])
+
+
 def test_base_model_images_add_each_layer_with_its_own_prompt(data):
     from layerdiff_model.training_data import BatchStream, base_model_images, open_dataset
 

@@ -24,6 +24,7 @@ import torch
 from . import train_state
 from .ema import EMA
 from .train_log import TrainLogger
+from .errors import LayerDiffError
 from .training_config import SCRIPT, TrainConfig, TrainConfigError, check_resume_compatible
 from .training_data import BatchStream, base_model_images, first_prompts, open_dataset, training_images
 from .slots import unpack
@@ -48,6 +49,10 @@ class TrainableModel(Protocol):
     def sample_layers(self, global_prompt: str, layer_prompts: Sequence[str] | None, seed: int,
                       steps: int, cfg: float) -> torch.Tensor: ...  # decoded slots [S,3,H,W] in [0,1]
     def export(self, path: str, metadata: dict) -> Path: ...
+
+
+class TrainingDivergedError(LayerDiffError):
+    """The processes of a multi-process run hold different trained tensors."""
 
 
 @dataclass
@@ -76,9 +81,20 @@ class Distributed:
         return out
 
     def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Average the gradients over the processes (one ``all_reduce``). A parameter that took no part in this
+        rank's micro-batches (a slot role absent from its bucket, say) but did on another rank joins with zeros,
+        so every rank reduces the same tensors in the same order and applies the same update."""
         if not self.enabled:
             return
+        device = params[0].device
+        used = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(used)
+        for p, n in zip(params, used.tolist()):
+            if n and p.grad is None:
+                p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
         flat = torch.cat([g.reshape(-1) for g in grads])
         torch.distributed.all_reduce(flat)
         flat /= self.world_size
@@ -86,6 +102,22 @@ class Distributed:
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+    def check_in_sync(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], step: int) -> None:
+        """Raise when the processes no longer hold the same trained tensors: they start equal (same seed) and
+        apply the same averaged update, so a difference means the run diverged and its checkpoints would be
+        rank 0's alone. Compares one float64 sum per tensor (one small ``all_gather``)."""
+        if not self.enabled:
+            return
+        sums = [float(p.detach().double().sum()) for _, p in named_params]
+        for rank, other in enumerate(self.all_gather(sums)):
+            for (name, _), mine, theirs in zip(named_params, sums, other):
+                if abs(mine - theirs) > 1e-6 * (1.0 + abs(mine)):
+                    raise TrainingDivergedError(
+                        f"{SCRIPT}: at step {step} process {rank} holds different values of {name} than process "
+                        f"{self.rank} ({theirs:.9g} vs {mine:.9g} summed): the processes of this torchrun job "
+                        "diverged. Check that every process runs the same code and options on the same ComfyUI "
+                        "and checkpoint, then resume from the last checkpoint.")
 
 
 def distributed_from_env(device_type: str) -> Distributed:
@@ -275,6 +307,7 @@ class Trainer:
         self.step = int(state["step"])
 
     def save(self) -> None:
+        self.dist.check_in_sync(self.named_params, self.step)  # collective, like state_dict()
         state = self.state_dict()  # collective: every rank takes part
         if self.dist.is_main:
             path = train_state.save_checkpoint(self.run_dir, self.step, state, self.config.keep_checkpoints)

@@ -94,12 +94,21 @@ def train(args_or_config: Any) -> dict:
     return training_adapter().train(config)
 
 
+def is_user_error(exc: BaseException) -> bool:
+    """A LayerDiffError of either copy of ``layerdiff_model``: this script imports it as top-level
+    ``layerdiff_model`` (option parsing), the training adapter as part of its package (everything else)."""
+    return any(cls.__name__ == LayerDiffError.__name__ and cls.__module__.endswith("layerdiff_model.errors")
+               for cls in type(exc).__mro__)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         summary = train(args)
-    except LayerDiffError as exc:
+    except Exception as exc:  # noqa: BLE001  (re-raised unless it is a LayerDiffError)
+        if not is_user_error(exc):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     state = "finished" if summary["finished"] else f"stopped at step {summary['step']} (continue with --resume)"

@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 from layerdiff_model.autoencoder_training import (AutoencoderTrainConfig, evaluate_autoencoder,  # noqa: E402
                                                   train_autoencoder)
+from layerdiff_model.atomic_file import atomic_path, atomic_write  # noqa: E402
 from layerdiff_model.dataset import composite, list_sample_folders, read_sample  # noqa: E402
 
 LOG = logging.getLogger("train_toy_vae")
@@ -147,10 +148,9 @@ def main(argv=None) -> int:
     args.out_vae.parent.mkdir(parents=True, exist_ok=True)
 
     def save(step: int) -> None:
-        tmp = args.out_vae.with_name(f".{args.out_vae.name}.tmp")
-        save_file(vae_state_dict(vae), str(tmp), metadata={"format": "pt", "layerdiff_toy_vae": "taesd",
-                                                           "steps": str(step)})
-        tmp.replace(args.out_vae)
+        with atomic_path(args.out_vae) as tmp:
+            save_file(vae_state_dict(vae), tmp, metadata={"format": "pt", "layerdiff_toy_vae": "taesd",
+                                                          "steps": str(step)})
 
     summary = train_autoencoder(vae.taesd_encoder, vae.taesd_decoder, train_images, config, log=LOG.info,
                                 on_checkpoint=save, checkpoint_every=args.save_every)
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         report["checkpoint"] = str(args.out_checkpoint)
     report["seconds"] = round(time.time() - began, 1)
     report_path = args.report or args.out_vae.with_suffix(".json")
-    report_path.write_text(json.dumps(report, indent=1, default=str))
+    atomic_write(report_path, lambda fh: fh.write(json.dumps(report, indent=1, default=str).encode()))
     LOG.info("VAE: test PSNR %.1f dB direct, %.1f dB through ComfyUI; UNet latent std %.2f; %.0f s",
              report["test_direct"]["psnr_db"], report["test_through_comfyui"]["psnr_db"],
              report["test_through_comfyui"]["unet_latent_std"], report["seconds"])

@@ -2,7 +2,10 @@
 reach the modules through the LayerDiff patch, the loss falls, resume is exact, outputs load in the nodes."""
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -165,6 +168,55 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, checkpoint, layered_dat
     with safe_open(str(whole["out"]), "pt") as fa, safe_open(str(second["out"]), "pt") as fb:
         for k in fa.keys():
             torch.testing.assert_close(fa.get_tensor(k), fb.get_tensor(k), rtol=0, atol=1e-6)
+
+
+def torchrun_train(opts: dict, comfy_root: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``scripts/train_layerdiff.py`` launched by torchrun (``--nproc_per_node``, Gloo on CPU); nproc 0 = plain
+    python, one process."""
+    argv = []
+    for key, value in opts.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif key == "progress" and value is False:
+            argv.append("--no-progress")
+        elif value is not False:
+            argv += [flag, str(value)]
+    script = str(REPO / "scripts" / "train_layerdiff.py")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script] \
+        if nproc else [sys.executable, script]
+    env = {**os.environ, "COMFYUI_PATH": str(comfy_root), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(launch + argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_torchrun_two_processes_train_in_sync_and_resume_exactly(tmp_path, checkpoint, layered_data, comfyui):
+    """Two processes (torchrun, Gloo): each reads its own share of the batches, gradients are averaged and the
+    ranks are checked to hold the same weights at every checkpoint; a run stopped at step 2 and resumed with
+    torchrun equals the uninterrupted one; resuming it with another process count is refused clearly."""
+    opts = dict(steps=4, batch_size=1, threads=1)
+    runs = {}
+    for run, extra in (("whole", {}), ("split", {"stop_after": 2}), ("split2", {"resume": True})):
+        name = "split" if run == "split2" else run
+        result = torchrun_train(options(tmp_path, checkpoint, layered_data, name, **opts, **extra), comfyui.comfy_root)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        runs[run] = result
+    assert "stopped at step 2" in runs["split"].stdout and "finished" in runs["split2"].stdout
+    state = package_module("layerdiff_model.train_state")
+    a = state.load_checkpoint(state.latest_checkpoint(tmp_path / "whole"))
+    b = state.load_checkpoint(state.latest_checkpoint(tmp_path / "split"))
+    assert a["world_size"] == 2 and len(a["data"]) == 2 and a["step"] == b["step"] == 4
+    init = state.load_checkpoint(sorted((tmp_path / "split" / "checkpoints").glob("step-*.pt"))[0])["trainable"]
+    assert any((a["trainable"][k] - init[k]).abs().max() > 0 for k in init), "steps 3-4 changed the weights"
+    for k in a["trainable"]:
+        torch.testing.assert_close(a["trainable"][k], b["trainable"][k], rtol=0, atol=1e-6)
+    with safe_open(str(tmp_path / "whole.safetensors"), "pt") as fa, \
+            safe_open(str(tmp_path / "split.safetensors"), "pt") as fb:
+        for k in fa.keys():
+            torch.testing.assert_close(fa.get_tensor(k), fb.get_tensor(k), rtol=0, atol=1e-6)
+
+    single = torchrun_train(options(tmp_path, checkpoint, layered_data, "split", **opts, resume=True),
+                            comfyui.comfy_root, nproc=0)
+    assert single.returncode == 2 and "written by 2 processes, this run has 1" in single.stderr, single.stderr[-2000:]
 
 
 def test_trained_weights_load_in_the_nodes_and_change_the_sampler_output(tmp_path, checkpoint, layered_data,

@@ -271,3 +271,54 @@ def test_base_model_images_add_each_layer_with_its_own_prompt(data):
     torch.testing.assert_close(images[3 + n], batch["slots"][2 * n + 1])  # sample 1's background slot
     with pytest.raises(TrainConfigError, match="--layer-images"):
         as_config(["--checkpoint", "x", "--data", "y", "--out", "z.safetensors", "--run-dir", "r", "--layer-images"])
+
+
+DISTRIBUTED_WORKER = r'''
+import os, sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from layerdiff_model.training import Distributed, TrainingDivergedError
+
+
+def worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    d = Distributed(rank, 2, rank)
+    shared, only_rank1 = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    shared.grad = torch.full((3,), float(rank + 1))   # rank 0: 1, rank 1: 2 -> mean 1.5
+    if rank == 1:
+        only_rank1.grad = torch.tensor([4.0, 6.0])    # rank 0 never used it -> joins with zeros: mean 2, 3
+    d.average_gradients([shared, only_rank1])
+    result = {"shared": shared.grad.tolist(), "only_rank1": only_rank1.grad.tolist()}
+    d.check_in_sync([("a", shared)], step=1)          # equal on both ranks: passes
+    with torch.no_grad():
+        shared += rank
+    try:
+        d.check_in_sync([("a", shared)], step=2)
+        result["diverged"] = ""
+    except TrainingDivergedError as exc:
+        result["diverged"] = str(exc)
+    torch.save(result, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(worker, args=(port, sys.argv[2]), nprocs=2)
+'''
+
+
+def test_two_processes_average_gradients_and_detect_divergence(tmp_path):
+    """Two Gloo processes: gradients are averaged (a parameter only one rank used joins with zeros on the other,
+    so both reduce the same tensors), equal weights pass the sync check, different weights raise a clear error."""
+    script = tmp_path / "worker.py"
+    script.write_text(DISTRIBUTED_WORKER)
+    subprocess.run([sys.executable, str(script), str(REPO), str(tmp_path)], check=True, timeout=120)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for r in results:
+        assert r["shared"] == [1.5, 1.5, 1.5] and r["only_rank1"] == [2.0, 3.0]
+        assert "diverged" in r["diverged"] and "values of a" in r["diverged"] and "at step 2" in r["diverged"]

@@ -24,6 +24,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+sys.path.insert(0, REPO)  # host-free layerdiff_model (atomic_file) only
 
 import process_memory  # noqa: E402
 
@@ -37,6 +38,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
     p.add_argument("--mixed-precision", default="", choices=("", "no", "fp16", "bf16"),
                    help="autocast (default: bf16 on CUDA, none on CPU)")
+    p.add_argument("--attention", default="host", choices=("host", "pytorch"),
+                   help="UNet attention: 'host' = what ComfyUI picks for the device (sub-quadratic chunks on CPU, "
+                        "PyTorch SDPA on CUDA); 'pytorch' = ComfyUI's SDPA path on any device (on CPU: the "
+                        "activation memory a CUDA run has, at CPU speed)")
+    p.add_argument("--settings", default="plain,checkpointing,mutation-safe",
+                   help="comma-separated settings to run, each in its own process")
     p.add_argument("--json", default="", help="also write the results to this file")
     p.add_argument("--worker", default="", choices=("", "plain", "checkpointing", "mutation-safe"),
                    help=argparse.SUPPRESS)
@@ -49,6 +56,11 @@ def worker(args, device: str, resolution: int, mixed: str) -> dict:
     from bench_layerdiff import boot, build_sd15, conditioning
 
     comfy_host = boot(device)
+    if args.attention == "pytorch":
+        import comfy.ldm.modules.attention as host_attention
+
+        host_attention.optimized_attention = host_attention.optimized_attention_masked = \
+            host_attention.attention_pytorch
     package = comfy_host.host().package.__name__
     adapter = sys.modules[f"{package}.nodes.host_adapter"]
     layers_cls = sys.modules[f"{package}.layerdiff_model.conditioning"].LayerPrompts
@@ -119,16 +131,21 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args, device, resolution, mixed)))
         return 0
     results = []
-    for setting in ("plain", "checkpointing", "mutation-safe"):
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = sorted(set(settings) - {"plain", "checkpointing", "mutation-safe"})
+    if unknown or not settings:
+        raise SystemExit(f"bench_training.py: --settings {args.settings!r}: choose from plain, checkpointing, "
+                         "mutation-safe")
+    for setting in settings:
         cmd = [sys.executable, os.path.abspath(__file__), "--device", device, "--resolution", str(resolution),
                "--foregrounds", str(args.foregrounds), "--batch", str(args.batch), "--steps", str(args.steps),
-               "--mixed-precision", mixed, "--worker", setting]
+               "--mixed-precision", mixed, "--attention", args.attention, "--worker", setting]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
     gib = 1024 ** 3
     print(f"LayerDiff training, SD1.5 architecture (random weights), {device}, torch threads "
           f"{torch.get_num_threads()}, {resolution}x{resolution}, {args.foregrounds} foregrounds "
-          f"({2 * args.foregrounds + 1} slots), batch {args.batch}, autocast {mixed}, "
+          f"({2 * args.foregrounds + 1} slots), batch {args.batch}, autocast {mixed}, attention {args.attention}, "
           f"{results[0]['trainable_params'] / 1e6:.1f}M trained parameters (modules), median of {args.steps} steps")
     for r in results:
         memory = (f"peak GPU memory {r['peak_gpu_bytes'] / gib:.2f} GiB" if "peak_gpu_bytes" in r else
@@ -137,8 +154,10 @@ def main(argv=None) -> int:
                  "mutation-safe": "off, allow_mutation_on_saved_tensors"}[r["setting"]]
         print(f"  {label}: {r['samples_per_s']:.3f} samples/s ({r['seconds_per_step']:.2f} s/step), {memory}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": device, "resolution": resolution, "results": results}, fh, indent=1)
+        from layerdiff_model.atomic_file import atomic_write
+
+        report = {"device": device, "resolution": resolution, "attention": args.attention, "results": results}
+        atomic_write(args.json, lambda fh: fh.write(json.dumps(report, indent=1).encode()))
     return 0
 
 

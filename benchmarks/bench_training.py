@@ -28,6 +28,9 @@ sys.path.insert(0, REPO)  # host-free layerdiff_model (atomic_file) only
 
 import process_memory  # noqa: E402
 
+SETTINGS = {"plain": "gradient checkpointing off", "checkpointing": "gradient checkpointing on ",
+            "mutation-safe": "off, allow_mutation_on_saved_tensors"}  # name -> label in the printed table
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -42,10 +45,10 @@ def parse_args(argv=None):
                    help="UNet attention: 'host' = what ComfyUI picks for the device (sub-quadratic chunks on CPU, "
                         "PyTorch SDPA on CUDA); 'pytorch' = ComfyUI's SDPA path on any device (on CPU: the "
                         "activation memory a CUDA run has, at CPU speed)")
-    p.add_argument("--settings", default="plain,checkpointing,mutation-safe",
+    p.add_argument("--settings", default=",".join(SETTINGS),
                    help="comma-separated settings to run, each in its own process")
     p.add_argument("--json", default="", help="also write the results to this file")
-    p.add_argument("--worker", default="", choices=("", "plain", "checkpointing", "mutation-safe"),
+    p.add_argument("--worker", default="", choices=("", *SETTINGS),
                    help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -132,10 +135,8 @@ def main(argv=None) -> int:
         return 0
     results = []
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    unknown = sorted(set(settings) - {"plain", "checkpointing", "mutation-safe"})
-    if unknown or not settings:
-        raise SystemExit(f"bench_training.py: --settings {args.settings!r}: choose from plain, checkpointing, "
-                         "mutation-safe")
+    if not settings or set(settings) - set(SETTINGS):
+        raise SystemExit(f"bench_training.py: --settings {args.settings!r}: choose from {', '.join(SETTINGS)}")
     for setting in settings:
         cmd = [sys.executable, os.path.abspath(__file__), "--device", device, "--resolution", str(resolution),
                "--foregrounds", str(args.foregrounds), "--batch", str(args.batch), "--steps", str(args.steps),
@@ -150,9 +151,7 @@ def main(argv=None) -> int:
     for r in results:
         memory = (f"peak GPU memory {r['peak_gpu_bytes'] / gib:.2f} GiB" if "peak_gpu_bytes" in r else
                   f"peak RSS {r['peak_rss_bytes'] / gib:.2f} GiB (+{r['rss_growth_bytes'] / gib:.2f} GiB during steps)")
-        label = {"plain": "gradient checkpointing off", "checkpointing": "gradient checkpointing on ",
-                 "mutation-safe": "off, allow_mutation_on_saved_tensors"}[r["setting"]]
-        print(f"  {label}: {r['samples_per_s']:.3f} samples/s ({r['seconds_per_step']:.2f} s/step), {memory}")
+        print(f"  {SETTINGS[r['setting']]}: {r['samples_per_s']:.3f} samples/s ({r['seconds_per_step']:.2f} s/step), {memory}")
     if args.json:
         from layerdiff_model.atomic_file import atomic_write
 

@@ -31,6 +31,7 @@ for p in (str(REPO_ROOT), str(SCRIPTS)):
 
 import torch  # noqa: E402
 
+import comfy_headless  # noqa: E402
 from layerdiff_model.autoencoder_training import (AutoencoderTrainConfig, evaluate_autoencoder,  # noqa: E402
                                                   train_autoencoder)
 from layerdiff_model.atomic_file import atomic_path, atomic_write  # noqa: E402
@@ -55,16 +56,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0, help="VAE init and training order")
     p.add_argument("--clip-seed", type=int, default=None, help="seed of the random UNet and CLIP (default: toy)")
-    p.add_argument("--unet-width", type=int, default=64,
-                   help="model_channels of the initial checkpoint's toy UNet (32 or 64; the shapes model is 64)")
+    toy = comfy_headless.toy_model()  # host-free at import: its constants only
+    p.add_argument("--unet-width", type=int, default=toy.SHAPES_TOY_WIDTH, choices=toy.TOY_WIDTHS,
+                   help=f"model_channels of the initial checkpoint's toy UNet (the shapes model is "
+                        f"{toy.SHAPES_TOY_WIDTH})")
     p.add_argument("--init-vae", type=Path, help="continue from these TAESD weights (or the VAE of a toy checkpoint) instead of a random VAE")
     p.add_argument("--save-every", type=int, default=50, help="save --out-vae every N steps (0 = at the end only)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--comfyui", default="", help="ComfyUI folder (default: $COMFYUI_PATH, else .cache/comfyui)")
-    args = p.parse_args(argv)
-    if args.unet_width not in (32, 64):
-        p.error(f"--unet-width {args.unet_width}: the toy UNet widths are 32 and 64")
-    return args
+    return p.parse_args(argv)
 
 
 def image_pool(folder: Path, max_samples: int) -> torch.Tensor:
@@ -121,8 +121,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    import comfy_headless
-
     comfy_headless.boot(comfy_root=args.comfyui or None)
     toy = comfy_headless.toy_model()
     from safetensors.torch import load_file, save_file

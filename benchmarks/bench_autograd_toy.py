@@ -17,8 +17,12 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
+# the repository root, for comfy_headless, layerdiff_toy and scripts (the one sys.path line; README "Code map")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from comfy_headless import boot as headless  # noqa: E402
+from comfy_headless.product import product_module  # noqa: E402
+from layerdiff_toy import toy_model  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,14 +34,12 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="alternating runs per setting")
     args = p.parse_args(argv)
 
-    import comfy_host
-    from layerdiff_host import package_module
-
-    comfy_host.host()
-    comfy_host.toy_model().register_toy_sd15()
-    adapter = package_module("nodes.training_adapter")
-    config_mod = package_module("layerdiff_model.training_config")
-    training = package_module("layerdiff_model.training")
+    headless.boot()
+    toy_model.register_toy_sd15()
+    adapter = product_module("nodes.host.training")
+    config_mod = product_module("layerdiff_model.training.config")
+    training = product_module("layerdiff_model.training.loop")
+    cache = adapter.EncoderOutputCache()  # shared by the runs, as the process-wide cache was
     warm_steps = -(-1000 // args.batch) + 5  # one epoch of the 1000-sample dataset fills the caches
     print(f"toy base-model training, batch {args.batch}, cached encoders, {args.steps} timed steps per run")
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
                     steps=warm_steps + args.steps, lr=5e-4, train="unet", composites=True, toy_model=True,
                     progress=False, threads=2, checkpoint_every=0, log_every=10**6, cache_latents=True,
                     cache_text=True))
-                model = adapter.ComfyTrainingModel(config)
+                model = adapter.ComfyTrainingModel(config, cache=cache)
                 if setting.startswith("allow"):
                     model.use_mutation_safe_autograd()
                 trainer = training.Trainer(config, model)

@@ -23,11 +23,13 @@ import statistics
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the repository root, for comfy_headless, layerdiff_toy and scripts (the one sys.path line; README "Code map")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import process_memory  # noqa: E402
+import process_memory  # noqa: E402  (next to this file)
+from comfy_headless import boot as headless  # noqa: E402
+from comfy_headless.product import product_module  # noqa: E402
+from layerdiff_toy import toy_model  # noqa: E402
 
 SD15_YAML = {
     "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
@@ -37,12 +39,17 @@ SD15_YAML = {
 }
 
 
+def add_model_size_options(p: argparse.ArgumentParser, batch_help: str) -> None:
+    """--device, --resolution, --foregrounds and --batch: what every benchmark here is sized by."""
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--resolution", type=int, default=0, help="image side (default 64 on CPU, 512 on CUDA)")
+    p.add_argument("--foregrounds", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1, help=batch_help)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--resolution", type=int, default=0, help="image size (default 64 on CPU, 512 on CUDA)")
-    p.add_argument("--foregrounds", type=int, default=2)
-    p.add_argument("--batch", type=int, default=1, help="layered samples per batch")
+    add_model_size_options(p, "layered samples per batch")
     p.add_argument("--steps", type=int, default=4, help="sampling steps for the CFG/SMG comparison")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
@@ -52,27 +59,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def boot(device: str):
-    import comfy_host
-
-    if device == "cuda":
-        os.environ.setdefault("LAYERDIFF_BENCH_CUDA", "1")
-    comfy_host.boot()
-    import comfy.cli_args
-    if device == "cuda":  # the harness boots on CPU; allow CUDA for this process
-        comfy.cli_args.args.cpu = False
-    return comfy_host
+def boot(device: str) -> None:
+    """Boot ComfyUI headless on ``device`` ("cpu" or "cuda")."""
+    headless.boot(cpu=device != "cuda")
 
 
-def build_sd15(comfy_host, device, dtype):
+def build_sd15(device, dtype):
     import comfy.model_patcher
     import comfy.supported_models
     import torch
 
-    model_config = comfy.supported_models.SD15(comfy_host.tiny_unet_config(SD15_YAML))
+    model_config = comfy.supported_models.SD15(toy_model.toy_unet_config(SD15_YAML))
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, device=device)
-    comfy_host.init_weights_(model.diffusion_model, std=0.02)
+    toy_model.init_weights_(model.diffusion_model, toy_model.DEFAULT_SEED, 0.02)
     model.diffusion_model.to(device=device, dtype=dtype)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device), offload_device=torch.device(device))
 
@@ -136,13 +136,13 @@ def main(argv=None) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     resolution = args.resolution or (512 if device == "cuda" else 64)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    comfy_host = boot(device)
+    boot(device)
     import comfy.model_management
     import comfy.sample
-    adapter = sys.modules[f"{comfy_host.host().package.__name__}.nodes.host_adapter"]
-    conditioning_mod = sys.modules[f"{comfy_host.host().package.__name__}.layerdiff_model.conditioning"]
+    adapter = product_module("nodes.host.inference")
+    conditioning_mod = product_module("layerdiff_model.sampling.conditioning")
 
-    base = build_sd15(comfy_host, device, dtype)
+    base = build_sd15(device, dtype)
     modules = patched = None
     if args.memory_side != "sd15":  # the SD1.5-only memory child must not hold the modules
         modules = adapter.build_modules(adapter.config_for_model(base, max_foregrounds=max(3, args.foregrounds)),
@@ -158,18 +158,16 @@ def main(argv=None) -> int:
     latent = torch.zeros(rows, 4, h, w)
     noise = torch.randn(rows, 4, h, w, generator=torch.Generator().manual_seed(3))
     sigma = torch.full((rows,), 5.0, device=device)
-    context = pos[0][0].to(device, dtype).expand(rows, -1, -1)
-    layer_rows = pos[0][1]["model_conds"][adapter.CONTEXT_COND].cond.to(device).repeat(args.batch, 1, 1)
-    slot_rows = pos[0][1]["model_conds"][adapter.SLOTS_COND].cond.to(device).repeat(args.batch, 1)
+    plain = [[pos[0][0], {}]]  # the global prompt only: what the unpatched UNet reads
 
     def unet(model, layered):
+        """One positive UNet pass through the adapter's cond pipeline (as training runs it)."""
         comfy.model_management.load_models_gpu([model])
-        kwargs = {adapter.CONTEXT_COND: layer_rows, adapter.SLOTS_COND: slot_rows} if layered else {}
-        options = dict(model.model_options["transformer_options"], cond_or_uncond=[0], sigmas=sigma)
+        conds = [pos if layered else plain] * args.batch
 
         def run():
             with torch.inference_mode():
-                model.model.apply_model(x, sigma, c_crossattn=context, transformer_options=options, **kwargs)
+                adapter.apply_model_with_conds(model, x, sigma, conds, "benchmark")
         return run
 
     def sampling(model):

@@ -21,23 +21,21 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-sys.path.insert(0, REPO)  # host-free layerdiff_model (atomic_file) only
+# the repository root, for comfy_headless, layerdiff_toy and scripts (the one sys.path line; README "Code map")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import process_memory  # noqa: E402
+import process_memory  # noqa: E402  (next to this file)
+from comfy_headless.product import product_module, product_names  # noqa: E402
 
 SETTINGS = {"plain": "gradient checkpointing off", "checkpointing": "gradient checkpointing on ",
             "mutation-safe": "off, allow_mutation_on_saved_tensors"}  # name -> label in the printed table
 
 
 def parse_args(argv=None):
+    from bench_layerdiff import add_model_size_options
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--resolution", type=int, default=0, help="image side (default 64 on CPU, 512 on CUDA)")
-    p.add_argument("--foregrounds", type=int, default=2)
-    p.add_argument("--batch", type=int, default=1, help="layered samples per step")
+    add_model_size_options(p, "layered samples per step")
     p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
     p.add_argument("--mixed-precision", default="", choices=("", "no", "fp16", "bf16"),
                    help="autocast (default: bf16 on CUDA, none on CPU)")
@@ -58,20 +56,19 @@ def worker(args, device: str, resolution: int, mixed: str) -> dict:
 
     from bench_layerdiff import boot, build_sd15, conditioning
 
-    comfy_host = boot(device)
+    boot(device)
     if args.attention == "pytorch":
         import comfy.ldm.modules.attention as host_attention
 
         host_attention.optimized_attention = host_attention.optimized_attention_masked = \
             host_attention.attention_pytorch
-    package = comfy_host.host().package.__name__
-    adapter = sys.modules[f"{package}.nodes.host_adapter"]
-    layers_cls = sys.modules[f"{package}.layerdiff_model.conditioning"].LayerPrompts
-    training = __import__(f"{package}.nodes.training_adapter", fromlist=["x"])
-    config_mod = sys.modules[f"{package}.layerdiff_model.training_config"]
-    train_loop = sys.modules[f"{package}.layerdiff_model.training"]
+    adapter = product_module("nodes.host.inference")
+    layers_cls = product_names("layerdiff_model.sampling.conditioning", "LayerPrompts")
+    training = product_module("nodes.host.training")
+    config_mod = product_module("layerdiff_model.training.config")
+    train_loop = product_module("layerdiff_model.training.loop")
 
-    base = build_sd15(comfy_host, device, torch.float32)
+    base = build_sd15(device, torch.float32)
     config = config_mod.as_config(dict(checkpoint="random", data="-", out="-", run_dir="-", resolution=resolution,
                                        grad_checkpointing=args.worker == "checkpointing", mixed_precision=mixed,
                                        max_foregrounds=max(3, args.foregrounds)))
@@ -153,7 +150,7 @@ def main(argv=None) -> int:
                   f"peak RSS {r['peak_rss_bytes'] / gib:.2f} GiB (+{r['rss_growth_bytes'] / gib:.2f} GiB during steps)")
         print(f"  {SETTINGS[r['setting']]}: {r['samples_per_s']:.3f} samples/s ({r['seconds_per_step']:.2f} s/step), {memory}")
     if args.json:
-        from layerdiff_model.atomic_file import atomic_write
+        atomic_write = product_names("layerdiff_model.atomic_file", "atomic_write")
 
         report = {"device": device, "resolution": resolution, "attention": args.attention, "results": results}
         atomic_write(args.json, lambda fh: fh.write(json.dumps(report, indent=1).encode()))

@@ -1,4 +1,4 @@
-"""Slot layout of a layered sample (DESIGN.md 2.1).
+"""Slot layout of a layered sample (docs/DESIGN.md 2.1).
 
 A layered sample with N foregrounds is S = 2N + 1 ordinary SD latents on the batch axis, in slot order
 ``[background, fg_1 .. fg_N, mask_1 .. mask_N]`` (fg_1 is the top layer). A batch of B samples is B*S rows in
@@ -30,15 +30,21 @@ def num_roles(max_foregrounds: int) -> int:
     return 1 + 2 * max_foregrounds
 
 
-def slot_roles(num_foregrounds: int, max_foregrounds: int) -> list[int]:
-    """Role id of each slot, in slot order. Length S."""
+def check_foreground_count(num_foregrounds: int, max_foregrounds: int, node: str = "") -> None:
+    """Raise LayoutError unless 1 <= ``num_foregrounds`` <= ``max_foregrounds`` (the weights' limit)."""
+    prefix = f"{node}: " if node else ""
     if num_foregrounds < 1:
-        raise LayoutError("A layered sample needs at least one foreground layer.")
+        raise LayoutError(f"{prefix}A layered sample needs at least one foreground layer.")
     if num_foregrounds > max_foregrounds:
         raise LayoutError(
-            f"{num_foregrounds} foregrounds requested but these LayerDiff weights support at most "
+            f"{prefix}{num_foregrounds} foregrounds requested but these LayerDiff weights support at most "
             f"{max_foregrounds}: use fewer foreground prompts or weights trained for more layers."
         )
+
+
+def slot_roles(num_foregrounds: int, max_foregrounds: int) -> list[int]:
+    """Role id of each slot, in slot order. Length S."""
+    check_foreground_count(num_foregrounds, max_foregrounds)
     fgs = list(range(1, num_foregrounds + 1))
     masks = [max_foregrounds + i for i in fgs]
     return [0] + fgs + masks

@@ -1,5 +1,5 @@
 """ComfyUI node classes of ComfyUI-LayerDiff (thin: check inputs, call the host adapter, return)."""
-from . import host_adapter
+from .host import inference
 from .nodes_conditioning import LayerDiffEnhancePrompts, LayerDiffPromptEncode
 from .nodes_layers import LayerDiffComposeLayers, LayerDiffSaveLayers, LayerDiffSplitLayers
 from .nodes_model import LayerDiffApply, LayerDiffLoadWeights
@@ -21,4 +21,4 @@ _NODES = (
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in _NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {cls.__name__: cls.DISPLAY_NAME for cls in _NODES}
 
-host_adapter.register_folders()
+inference.register_folders()

@@ -1,9 +1,9 @@
 """Nodes: layer prompt encoder and layer prompt enhancer."""
 from __future__ import annotations
 
-from ..layerdiff_model.conditioning import parse_foreground_prompts
+from ..layerdiff_model.sampling.conditioning import parse_foreground_prompts
 from ..layerdiff_model.errors import LayoutError
-from . import host_adapter
+from .host import inference
 
 CATEGORY = "LayerDiff/conditioning"
 
@@ -47,8 +47,8 @@ class LayerDiffPromptEncode:
                 f"{self.DISPLAY_NAME}: 'foreground_prompts' is empty. Write one prompt per line, top layer first "
                 "(e.g. 'a red apple')."
             )
-        positive = host_adapter.encode_layered(clip, global_prompt, [background_prompt] + foregrounds)
-        negative = host_adapter.encode_layered(clip, negative_prompt, [layer_negative_prompt] * (1 + len(foregrounds)))
+        positive = inference.encode_layered(clip, global_prompt, [background_prompt] + foregrounds)
+        negative = inference.encode_layered(clip, negative_prompt, [layer_negative_prompt] * (1 + len(foregrounds)))
         return (positive, negative, len(foregrounds))
 
 
@@ -70,5 +70,5 @@ class LayerDiffEnhancePrompts:
     CATEGORY = CATEGORY
 
     def enhance(self, layerdiff, positive, negative):
-        return (host_adapter.enhance(positive, layerdiff, self.DISPLAY_NAME),
-                host_adapter.enhance(negative, layerdiff, self.DISPLAY_NAME))
+        return (inference.enhance(positive, layerdiff, self.DISPLAY_NAME),
+                inference.enhance(negative, layerdiff, self.DISPLAY_NAME))

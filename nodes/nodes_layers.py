@@ -6,21 +6,21 @@ import os
 import numpy as np
 import torch
 
-from ..layerdiff_model import compose as layer_compose
-from ..layerdiff_model import layered_files
+from ..layerdiff_model.layers import compose as layer_compose
+from ..layerdiff_model.layers import layered_files
 from ..layerdiff_model.errors import LayoutError
-from . import host_adapter
+from .host import inference
 
 CATEGORY = "LayerDiff/layers"
 LAYERS_TYPE = "LAYERDIFF_LAYERS"
-FILE_FORMATS = ("psd", "ora", "psd+ora", "none")
 
 
 def _layer_names(info: dict, num_foregrounds: int) -> list[str]:
+    defaults = layer_compose.default_layer_names(num_foregrounds)
     names = list(info.get("layer_names") or [])
     if len(names) != num_foregrounds + 1:
-        names = ["background"] + [f"layer {i}" for i in range(1, num_foregrounds + 1)]
-    return [n if n.strip() else ("background" if i == 0 else f"layer {i}") for i, n in enumerate(names)]
+        return defaults
+    return [n if n.strip() else default for n, default in zip(names, defaults)]
 
 
 class LayerDiffSplitLayers:
@@ -47,7 +47,7 @@ class LayerDiffSplitLayers:
 
     def split(self, images, samples, binarize_masks=True, mask_threshold=0.5):
         node = self.DISPLAY_NAME
-        info = host_adapter.layered_latent_info(samples, node, "samples")
+        info = inference.layered_latent_info(samples, node, "samples")
         n = int(info["num_foregrounds"])
         if images.shape[0] != samples["samples"].shape[0]:
             raise LayoutError(
@@ -122,7 +122,8 @@ class LayerDiffSaveLayers:
         return {"required": {
             "layers": (LAYERS_TYPE,),
             "filename_prefix": ("STRING", {"default": "LayerDiff/layers", "tooltip": "Prefix under ComfyUI/output."}),
-            "layered_file": (FILE_FORMATS, {"default": "psd", "tooltip": "Layered file to write next to the PNGs."}),
+            "layered_file": (list(layered_files.LAYERED_FILE_CHOICES),
+                             {"default": "psd", "tooltip": "Layered file to write next to the PNGs."}),
         }}
 
     RETURN_TYPES = ()
@@ -159,8 +160,9 @@ def _save_sample(folder, stem, layers, b, composite, rgba, layered_file) -> list
         layered_files.atomic_write(os.path.join(folder, file_name), lambda fh, a=array: Image.fromarray(a).save(fh, "PNG"))
     named = [(names[i + 1], _to_uint8(rgba[i])) for i in range(rgba.shape[0])]
     background = (names[0], _to_uint8(layers.background[b]))
-    if layered_file in ("psd", "psd+ora"):
+    formats = layered_files.layered_file_formats(layered_file)
+    if "psd" in formats:
         layered_files.write_psd(os.path.join(folder, f"{stem}.psd"), named, background, _to_uint8(composite))
-    if layered_file in ("ora", "psd+ora"):
+    if "ora" in formats:
         layered_files.write_ora(os.path.join(folder, f"{stem}.ora"), named, background, _to_uint8(composite))
     return [f for f in pngs if not f.endswith(tuple(f"_mask{i + 1}.png" for i in range(rgba.shape[0])))]

@@ -1,7 +1,7 @@
 """Nodes: load LayerDiff weights, patch an SD1.5 MODEL with them."""
 from __future__ import annotations
 
-from . import host_adapter
+from .host import inference
 
 CATEGORY = "LayerDiff"
 
@@ -14,7 +14,7 @@ class LayerDiffLoadWeights:
     def INPUT_TYPES(cls):
         import folder_paths
 
-        return {"required": {"weights_name": (folder_paths.get_filename_list(host_adapter.WEIGHTS_FOLDER), {
+        return {"required": {"weights_name": (folder_paths.get_filename_list(inference.WEIGHTS_FOLDER), {
             "tooltip": "A LayerDiff weights file written by the bundled training script, in models/layerdiff/."})}}
 
     RETURN_TYPES = ("LAYERDIFF",)
@@ -24,7 +24,7 @@ class LayerDiffLoadWeights:
     CATEGORY = CATEGORY
 
     def load(self, weights_name):
-        return (host_adapter.load_weights(weights_name, self.DISPLAY_NAME),)
+        return (inference.load_weights(weights_name, self.DISPLAY_NAME),)
 
 
 class LayerDiffApply:
@@ -50,5 +50,5 @@ class LayerDiffApply:
     CATEGORY = CATEGORY
 
     def apply(self, model, layerdiff, inter_layer_attention=True, intra_layer_attention=True):
-        return (host_adapter.apply_patch(model, layerdiff, self.DISPLAY_NAME, inter=inter_layer_attention,
+        return (inference.apply_patch(model, layerdiff, self.DISPLAY_NAME, inter=inter_layer_attention,
                                          intra=intra_layer_attention),)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..layerdiff_model.errors import LayoutError
-from ..layerdiff_model.slots import num_slots
-from . import host_adapter
+from ..layerdiff_model.slots import check_foreground_count, num_slots
+from .host import inference
 
 CATEGORY = "LayerDiff/sampling"
 MAX_RESOLUTION = 8192
@@ -35,7 +35,7 @@ class LayerDiffEmptyLatent:
 
         rows = batch_size * num_slots(foregrounds)
         samples = torch.zeros([rows, 4, height // 8, width // 8], device=comfy.model_management.intermediate_device())
-        return (host_adapter.make_layered_latent(samples, foregrounds),)
+        return (inference.make_layered_latent(samples, foregrounds),)
 
 
 class LayerDiffSMGSampler:
@@ -75,24 +75,22 @@ class LayerDiffSMGSampler:
         import nodes as comfy_nodes
 
         node = self.DISPLAY_NAME
-        info = host_adapter.layered_latent_info(latent_image, node)
+        info = inference.layered_latent_info(latent_image, node)
         n = int(info["num_foregrounds"])
-        state = host_adapter.patch_state(model, node)
+        state = inference.patch_state(model, node)
         for name, cond in (("positive", positive), ("negative", negative)):
-            layers = host_adapter.layers_of(cond, node, name)
+            layers = inference.layers_of(cond, node, name)
             if layers.num_foregrounds != n:
                 raise LayoutError(
                     f"{node}: the latent has {n} foreground layers but '{name}' has {layers.num_foregrounds} "
                     "foreground prompts. Connect the prompt encoder's 'foregrounds' output to the Empty Layered "
                     "Latent, or give one prompt per layer."
                 )
-        max_fg = state.modules.config.max_foregrounds
-        if n > max_fg:
-            raise LayoutError(f"{node}: {n} foregrounds requested, these LayerDiff weights support at most {max_fg}.")
-        guided = host_adapter.with_self_mask_guidance(model, smg_scale, smg_start_percent, smg_blur_sigma, node)
+        check_foreground_count(n, state.modules.config.max_foregrounds, node)
+        guided = inference.with_self_mask_guidance(model, smg_scale, smg_start_percent, smg_blur_sigma, node)
         (out,) = comfy_nodes.common_ksampler(guided, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                              latent_image, denoise=denoise)
-        names = host_adapter.layers_of(positive, node, "positive").prompts
+        names = inference.layers_of(positive, node, "positive").prompts
         out = dict(out)
-        out[host_adapter.LATENT_KEY] = dict(info, layer_names=list(names))
+        out[inference.LATENT_KEY] = dict(info, layer_names=list(names))
         return (out,)

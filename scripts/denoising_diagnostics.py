@@ -24,15 +24,13 @@ import argparse
 import sys
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent
-for p in (str(SCRIPTS.parent), str(SCRIPTS)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+# the repository root, for comfy_headless, layerdiff_toy and scripts (the one sys.path line; README "Code map")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import train_layerdiff  # noqa: E402
-from layerdiff_model.training_config import as_config  # noqa: E402
+from comfy_headless.product import product_module, product_names  # noqa: E402
+from scripts import train_layerdiff  # noqa: E402
 
 LEVEL_TIMESTEPS = (999, 950, 900, 800, 700, 500, 300, 100)
 SLOT_TIMESTEPS = (900, 800, 700, 600, 400)
@@ -63,13 +61,18 @@ def training_model(args, *options: str):
     argv = ["--checkpoint", args.checkpoint, "--data", args.data, "--out", "unused.safetensors", "--run-dir",
             "unused", "--resolution", str(args.resolution), "--batch-size", str(args.samples), "--comfyui",
             args.comfyui, *options, *(["--toy-model"] if args.toy_model else [])]
-    config = as_config(argv)
-    train_layerdiff.boot_comfyui(train_layerdiff.comfyui_root(config.comfyui), config.device)
-    return config, train_layerdiff.training_adapter().ComfyTrainingModel(config)
+    train_layerdiff.boot_comfyui(args.comfyui)
+    if args.toy_model:
+        from layerdiff_toy.toy_model import register_toy_sd15
+
+        register_toy_sd15()
+    config = product_names("layerdiff_model.training.config", "as_config")(argv)
+    return config, product_module("nodes.host.training").ComfyTrainingModel(config)
 
 
 def noise_levels(args) -> None:
-    from layerdiff_model.training_data import BatchStream, base_model_images, open_dataset
+    BatchStream, base_model_images, open_dataset = product_names(
+        "layerdiff_model.training.data", "BatchStream", "base_model_images", "open_dataset")
 
     config, model = training_model(args, "--train", "unet", "--composites")
     batch = next(iter(BatchStream(open_dataset(config.data, config.resolution), args.samples, args.seed)))
@@ -97,7 +100,7 @@ def noise_levels(args) -> None:
 
 
 def one_foreground_batch(config, samples: int, seed: int) -> dict:
-    from layerdiff_model.training_data import BatchStream, open_dataset
+    BatchStream, open_dataset = product_names("layerdiff_model.training.data", "BatchStream", "open_dataset")
 
     for batch in BatchStream(open_dataset(config.data, config.resolution), samples, seed):
         if batch["num_foregrounds"] == 1:
@@ -107,7 +110,7 @@ def one_foreground_batch(config, samples: int, seed: int) -> dict:
 
 def slot_reads(args) -> None:
     config, model = training_model(args, "--init-weights", args.weights)
-    from layerdiff_model.training_data import training_images
+    training_images = product_names("layerdiff_model.training.data", "training_images")
 
     batch = one_foreground_batch(config, args.samples, args.seed)
     generator = torch.Generator().manual_seed(args.seed)

@@ -5,7 +5,7 @@ For every test sample (scripts/make_shapes_dataset.py --split test: colour/shape
 the prompts are run through Load Checkpoint -> LayerDiff Load Weights -> LayerDiff Apply -> LayerDiff Layer Prompt
 Encode -> LayerDiff Enhance Layer Prompts -> LayerDiff Empty Layered Latent -> [Self-Attention Guidance] ->
 LayerDiff SMG KSampler -> VAE Decode -> LayerDiff Split Layers, and the layers are scored with
-layerdiff_model/shapes_eval.py. Each --run names weights and guidance:
+layerdiff_toy/shapes_eval.py. Each --run names weights and guidance:
 
     --run full=runs/full.safetensors                      CFG (smg_scale 0)
     --run full+smg=runs/full.safetensors,guidance=smg     self-mask guidance (--smg-scale)
@@ -19,24 +19,22 @@ and the chance level.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent
-REPO_ROOT = SCRIPTS.parent
-for p in (str(REPO_ROOT), str(SCRIPTS)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+# the repository root, for comfy_headless, layerdiff_toy and scripts (the one sys.path line; README "Code map")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO_ROOT / "scripts"
 
 import torch  # noqa: E402
 
-from layerdiff_model import shapes_eval  # noqa: E402
-from layerdiff_model.dataset import list_sample_folders, read_sample  # noqa: E402
+from comfy_headless import boot as headless  # noqa: E402
+from comfy_headless.nodes_api import call_node, expose_model_file  # noqa: E402
+from comfy_headless.product import product_module, product_names  # noqa: E402
 
 LOG = logging.getLogger("evaluate_shapes")
 GUIDANCE = ("cfg", "smg", "sag")
@@ -83,37 +81,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 class NodeRunner:
     """Runs our nodes and ComfyUI's core nodes (classic or 0.3.x V3 API) in this process."""
 
-    def __init__(self, comfy_headless):
-        import nodes
-
-        self.nodes = nodes
-        self.host = comfy_headless.host()
-        self.package = self.host.package.__name__
-
     def __call__(self, name: str, **inputs) -> tuple:
-        cls = self.nodes.NODE_CLASS_MAPPINGS[name]
-        if hasattr(cls, "define_schema"):
-            return tuple(cls.execute(**inputs).args)
-        return tuple(getattr(cls(), cls.FUNCTION)(**inputs))
+        return call_node(name, **inputs)
 
-    def module(self, name: str):
-        return importlib.import_module(f"{self.package}.{name}")
+    @staticmethod
+    def module(name: str):
+        return product_module(name)
 
-    def install(self, folder: str, path: Path) -> str:
+    @staticmethod
+    def install(folder: str, path: Path) -> str:
         """Make ``path`` visible in the host's model ``folder``; returns the name the loaders list."""
-        import folder_paths
-
-        target = self.host.model_path(folder, path.name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
-            os.symlink(path.resolve(), target)
-        getattr(folder_paths, "filename_list_cache", {}).pop(folder, None)
-        return path.name
+        return expose_model_file(folder, path)
 
 
 def build_run(run: dict, node: NodeRunner, model) -> dict:
     if run["weights"] == "zero":
-        adapter = node.module("nodes.host_adapter")
+        adapter = node.module("nodes.host.inference")
         config = adapter.config_for_model(model, max_foregrounds=int(run.get("max_foregrounds", 3)),
                                           enhancer_width=int(run.get("enhancer_width", 64)))
         modules = adapter.build_modules(config, seed=0, zero_outputs=True)
@@ -140,11 +123,11 @@ def sample_one(run: dict, node: NodeRunner, vae, cond: tuple, num_fg: int, seed:
 
 def vae_round_trip(node: NodeRunner, vae, layers, num_fg: int):
     """The true layers through VAE Encode -> VAE Decode -> LayerDiff Split Layers (masks binarized there)."""
-    from layerdiff_model.compose import layers_to_slot_images
+    layers_to_slot_images = product_names("layerdiff_model.layers.compose", "layers_to_slot_images")
 
     (latent,) = node("VAEEncode", pixels=layers_to_slot_images(layers), vae=vae)
     (images,) = node("VAEDecode", vae=vae, samples=latent)
-    samples = node.module("nodes.host_adapter").make_layered_latent(latent["samples"], num_fg)
+    samples = node.module("nodes.host.inference").make_layered_latent(latent["samples"], num_fg)
     return node("LayerDiffSplitLayers", images=images, samples=samples)[0]
 
 
@@ -156,7 +139,7 @@ def save_sheet(path: Path, rows: list) -> None:
     """One row per sample: background | fg_k, mask_k ... | composite."""
     from PIL import Image
 
-    from layerdiff_model.compose import compose
+    compose = product_names("layerdiff_model.layers.compose", "compose")
 
     tiles = []
     for layers in rows:
@@ -174,12 +157,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    import comfy_headless
+    headless.boot(comfy_root=args.comfyui or None)
+    from layerdiff_toy import shapes_eval, toy_model  # after the boot: shapes_eval takes product modules
 
-    comfy_headless.boot(comfy_root=args.comfyui or None)
     if args.toy_model:
-        comfy_headless.toy_model().register_toy_sd15()
-    node = NodeRunner(comfy_headless)
+        toy_model.register_toy_sd15()
+    list_sample_folders, read_sample = product_names("layerdiff_model.data.sample_files", "list_sample_folders",
+                                                     "read_sample")
+    node = NodeRunner()
     began = time.time()
     with torch.no_grad():  # 2024 ComfyUI builds the CLIP with in-place copies into parameters
         model, clip, vae = node("CheckpointLoaderSimple", ckpt_name=node.install("checkpoints", args.checkpoint))[:3]

@@ -14,7 +14,6 @@ one line on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -23,14 +22,19 @@ import time
 import warnings
 from pathlib import Path
 
-import comfy_headless
-import comfy_prompts
+# the repository root, for comfy_headless, layerdiff_toy and scripts (the one sys.path line; README "Code map")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-REPO_ROOT = comfy_headless.REPO_ROOT
+from comfy_headless import boot as headless  # noqa: E402
+from comfy_headless import prompts  # noqa: E402
+from comfy_headless.nodes_api import expose_model_file  # noqa: E402
+from comfy_headless.product import product_names  # noqa: E402
+from layerdiff_toy import toy_model  # noqa: E402
+
+REPO_ROOT = headless.REPO_ROOT
 WORKFLOWS = REPO_ROOT / "workflows"
 TOY_CACHE = REPO_ROOT / ".cache" / "toy_shapes"
 FILE_PREFIX = "layerdiff"
-LAYERED_FILES = ("psd", "ora", "psd+ora", "none")
 
 DEFAULT_PROMPT = "a red circle and a blue square on a green background"
 DEFAULT_BACKGROUND = "a green background"
@@ -67,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the workflow's, 7.0)")
     p.add_argument("--seed", type=int, help="noise seed (default: the workflow's, 42)")
     p.add_argument("--smg-scale", type=float, help="self-mask guidance scale, 0 = plain CFG (default: the workflow's)")
-    p.add_argument("--layered-file", choices=LAYERED_FILES, default="psd+ora", help="layered file(s) to write")
+    p.add_argument("--layered-file", default="psd+ora",
+                   help="layered file(s) to write: one of the Save Layers node's choices (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("layerdiff_output"), help="output folder (default: %(default)s)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.add_argument("--verbose", "-v", action="store_true", help="show ComfyUI's log and full tracebacks")
@@ -92,7 +97,7 @@ def check_args(args: argparse.Namespace) -> None:
         _existing_file(args.workflow, "--workflow", "pass a UI-format workflow .json (e.g. workflows/text_to_3_layers.json)")
     if args.checkpoint is not None:
         _existing_file(args.checkpoint, "--checkpoint", CHECKPOINT_HINT)
-        problem = checkpoint_problem(args.checkpoint)
+        problem = checkpoint_problem(args.checkpoint, context_dim=None)
         if problem:
             raise RunError(f"--checkpoint {args.checkpoint}: {problem}; {CHECKPOINT_HINT}")
         _existing_file(args.weights, "--weights", WEIGHTS_HINT)
@@ -109,9 +114,10 @@ def _existing_file(path: Path, flag: str, hint: str) -> None:
         raise RunError(f"{flag} {path} is a folder, not a file; {hint}")
 
 
-def checkpoint_problem(path: Path) -> str | None:
+def checkpoint_problem(path: Path, context_dim: int | None) -> str | None:
     """Why ``path`` cannot be an SD1.5 checkpoint, read from the safetensors header only (no weights loaded);
-    None when it looks right or cannot be told without loading (pickled .ckpt files)."""
+    None when it looks right or cannot be told without loading (pickled .ckpt files). ``context_dim``: SD1.5's
+    text context width, checked once ComfyUI has booted (None: the file checks only)."""
     if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
         return f"{path.suffix or 'a file without extension'} is not a checkpoint format"
     if path.suffix.lower() != ".safetensors":
@@ -124,33 +130,36 @@ def checkpoint_problem(path: Path) -> str | None:
     if not unet_keys:
         return "not a single-file Stable Diffusion checkpoint (it has no model.diffusion_model.* weights)"
     contexts = {keys[k]["shape"][-1] for k in unet_keys if k.endswith("attn2.to_k.weight")}
-    if contexts and contexts != {768}:
+    if context_dim is not None and contexts and contexts != {context_dim}:
         return (f"a checkpoint of another model family (text context width {max(contexts)}, e.g. SDXL or SD2), "
-                "but LayerDiff works with SD1.5-family checkpoints only (context width 768)")
+                f"but LayerDiff works with SD1.5-family checkpoints only (context width {context_dim})")
     return None
 
 
 def _safetensors_header(path: Path) -> dict | None:
-    """The JSON header of a .safetensors file (tensor names -> dtype/shape, plus ``__metadata__``), or None."""
+    """Tensor names -> {"shape"} plus ``__metadata__`` of a .safetensors file, read by safetensors itself without
+    loading a tensor (before ComfyUI boots, so a wrong file fails at once); None when it cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with open(path, "rb") as fh:
-            size = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(size)) if 2 <= size <= 100_000_000 else None
-    except (OSError, ValueError):
+        with safe_open(str(path), framework="pt") as fh:
+            header: dict = {name: {"shape": list(fh.get_slice(name).get_shape())} for name in fh.keys()}
+            header["__metadata__"] = fh.metadata() or {}
+    except (OSError, ValueError, SafetensorError):
         return None
-    return header if isinstance(header, dict) else None
+    return header
 
 
 def is_toy_checkpoint(path: Path) -> bool:
-    """Checkpoints of the toy SD1.5 family (nodes/toy_model.py) say so in their safetensors metadata."""
+    """Checkpoints of the toy SD1.5 family (layerdiff_toy/toy_model.py) say so in their safetensors metadata."""
     header = _safetensors_header(path) if path.suffix.lower() == ".safetensors" else None
     return "layerdiff_toy_model" in ((header or {}).get("__metadata__") or {})
 
 
 # ------------------------------------------------------------------------------------------------- model files
 def toy_sources() -> tuple[Path, Path]:
-    """(assets folder, LayerDiff weights) of the bundled toy shapes model (``nodes/toy_model.py``)."""
-    toy = comfy_headless.toy_model()
+    """(assets folder, LayerDiff weights) of the bundled toy shapes model (``layerdiff_toy/toy_model.py``)."""
+    toy = toy_model
     assets = Path(getattr(toy, "TOY_ASSETS_DIR", REPO_ROOT / "assets" / "toy_shapes"))
     weights = toy.toy_layerdiff_weights_path(assets) if hasattr(toy, "assemble_toy_checkpoint") else None
     if weights is None or not assets.is_dir() or not weights.is_file():
@@ -160,7 +169,7 @@ def toy_sources() -> tuple[Path, Path]:
 
 
 def toy_checkpoint_path() -> Path:
-    return TOY_CACHE / comfy_headless.toy_model().TOY_CHECKPOINT_NAME
+    return TOY_CACHE / toy_model.TOY_CHECKPOINT_NAME
 
 
 def toy_files() -> tuple[Path, Path]:
@@ -173,7 +182,7 @@ def toy_files() -> tuple[Path, Path]:
         progress(f"toy checkpoint: {checkpoint} (assembled before)")
         return checkpoint, weights
     progress(f"assembling the toy checkpoint from {assets} into {checkpoint}")
-    toy = comfy_headless.toy_model()
+    toy = toy_model
     try:
         toy.assemble_toy_checkpoint(checkpoint, assets_dir=assets)
     except toy.ToyAssetError as exc:
@@ -183,19 +192,8 @@ def toy_files() -> tuple[Path, Path]:
 
 def expose_model(folder: str, path: Path) -> str:
     """Make ``path`` (anywhere on disk) a file of ComfyUI's model folder ``folder``; returns the name to select.
-
-    A symlink in this run's private models folder: no user folder is scanned and names never clash.
-    """
-    import folder_paths
-
-    target = Path(folder_paths.get_folder_paths(folder)[0]) / path.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        target.symlink_to(path.resolve())
-    except OSError:  # no symlinks here (some Windows set-ups): list the file's own folder instead
-        folder_paths.add_model_folder_path(folder, str(path.resolve().parent))
-    getattr(folder_paths, "filename_list_cache", {}).pop(folder, None)
-    return path.name
+    A symlink in this run's private models folder: no user folder is scanned and names never clash."""
+    return expose_model_file(folder, path)
 
 
 # ------------------------------------------------------------------------------------------------- the prompt
@@ -208,7 +206,7 @@ def workflow_path(args: argparse.Namespace) -> Path:
 def build_prompt(args: argparse.Namespace, ckpt_name: str, weights_name: str, toy: bool) -> dict:
     """The workflow as an API prompt with the command line's files, prompts and settings in its widgets."""
     try:
-        api = comfy_prompts.ui_to_api(workflow_path(args))
+        api = prompts.ui_to_api(workflow_path(args))
     except (OSError, ValueError) as exc:
         raise RunError(f"cannot read workflow {workflow_path(args)}: {exc}") from exc
     default_size = TOY_SIZE if toy else None  # None: the workflow's size
@@ -269,14 +267,14 @@ def boot_comfyui(args: argparse.Namespace, work_dir: Path, out_dir: Path) -> Non
     if threads > 0:
         torch.set_num_threads(threads)
     cpu = on_cpu(args.cpu)
-    progress(f"starting ComfyUI from {comfy_headless.default_comfyui_path()} "
+    progress(f"starting ComfyUI from {headless.default_comfyui_path()} "
              f"({'CPU' if cpu else 'GPU'}, torch {torch.__version__})")
-    comfy_headless.boot(work_dir=work_dir, cpu=cpu)
+    headless.boot(work_dir=work_dir, cpu=cpu)
     NOISE.booting = False
     import folder_paths
 
     folder_paths.set_output_directory(str(out_dir))
-    comfy_headless.host().output_dir = out_dir
+    headless.host().output_dir = out_dir
 
 
 def run(args: argparse.Namespace) -> list[Path]:
@@ -288,12 +286,15 @@ def run(args: argparse.Namespace) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="layerdiff-run-") as work:
         boot_comfyui(args, Path(work), out_dir)
+        problem = checkpoint_problem(checkpoint, product_names("layerdiff_model.modules.config", "SD15_CONTEXT_DIM"))
+        if problem:
+            raise RunError(f"--checkpoint {checkpoint}: {problem}; {CHECKPOINT_HINT}")
         if toy:  # ComfyUI's model detection knows SD1.5 at width 320 only
-            comfy_headless.toy_model().register_toy_sd15()
+            toy_model.register_toy_sd15()
         api = build_prompt(args, expose_model("checkpoints", checkpoint), expose_model("layerdiff", weights), toy)
         progress(f"running {workflow_path(args).name}: {len(args.foregrounds)} foreground layer(s), "
                  f"checkpoint {checkpoint.name}, weights {weights.name}")
-        run_result = comfy_prompts.run_prompt(api, on_message=NodeProgress(api))
+        run_result = prompts.run_prompt(api, on_message=NodeProgress(api))
     return written_files(run_result)
 
 
@@ -313,12 +314,12 @@ def user_message(exc: BaseException) -> str | None:
     """The one-line message for an error the user can fix, or None for a bug (then the traceback is shown)."""
     if isinstance(exc, RunError):
         return str(exc)
-    if isinstance(exc, comfy_prompts.NodeExecutionError):
+    if isinstance(exc, prompts.NodeExecutionError):
         hint = {"CheckpointLoaderSimple": CHECKPOINT_HINT, "LayerDiffApply": CHECKPOINT_HINT,
                 "LayerDiffLoadWeights": WEIGHTS_HINT}.get(exc.node_type)
         message = " ".join(str(exc.exception_message).split())
         return f"{message.rstrip('. ')}; {hint}" if hint else message
-    if isinstance(exc, comfy_headless.HarnessError):  # no ComfyUI at the path, workflow refused by validation
+    if isinstance(exc, headless.HarnessError):  # no ComfyUI at the path, workflow refused by validation
         return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     return None
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate the procedural "shapes" layered dataset (DESIGN.md 2.7) as sample folders or WebDataset shards.
+"""Generate the procedural "shapes" layered dataset (docs/DESIGN.md 2.7) as sample folders or WebDataset shards.
 
 Examples (from the repository root):
     python scripts/make_shapes_dataset.py --out data/shapes-train --count 20000 --split train
@@ -11,21 +11,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# The repository root is a ComfyUI custom-node package whose __init__ imports ComfyUI: import the host-free
-# model package from the root directly instead.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# the repository root, for comfy_headless, layerdiff_toy and scripts (the one sys.path line; README "Code map")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
+from comfy_headless.product import product_names  # noqa: E402
 
-from layerdiff_model.dataset_shards import write_shards  # noqa: E402
-from layerdiff_model.sample_files import write_sample  # noqa: E402
-from layerdiff_model.errors import LayerDiffError  # noqa: E402
-from layerdiff_model.shapes import GENERATOR, config_for_split, generate_samples  # noqa: E402
+write_shards = product_names("layerdiff_model.data.shards", "write_shards")
+write_sample = product_names("layerdiff_model.data.sample_files", "write_sample")
+LayerDiffError = product_names("layerdiff_model.errors", "LayerDiffError")
+from layerdiff_toy.shapes import GENERATOR, config_for_split, generate_samples  # noqa: E402
 
 logger = logging.getLogger("make_shapes_dataset")
 INFO_FILE = "shapes_dataset.json"

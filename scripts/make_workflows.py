@@ -10,30 +10,23 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the repository root, for comfy_headless, layerdiff_toy and scripts (the one sys.path line; README "Code map")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from comfy_headless import boot as headless  # noqa: E402
+
+REPO = str(headless.REPO_ROOT)
 SEED_WIDGETS = ("seed", "noise_seed")
 
 
-def _boot(comfy_root: str):
-    sys.path.insert(0, comfy_root)
-    argv, sys.argv = sys.argv, [sys.argv[0]]
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    sys.argv = argv
-    import importlib.util
-
+def _boot(comfy_root: str) -> dict:
+    """Boot ComfyUI headless (it loads this repository as its custom node); ComfyUI's and our node classes."""
+    headless.boot(comfy_root=comfy_root)
     import nodes
 
-    spec = importlib.util.spec_from_file_location("comfyui_layerdiff", os.path.join(REPO, "__init__.py"),
-                                                  submodule_search_locations=[REPO])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_layerdiff"] = module
-    spec.loader.exec_module(module)
-    mappings = dict(nodes.NODE_CLASS_MAPPINGS)
-    mappings.update(module.NODE_CLASS_MAPPINGS)
-    return mappings
+    return dict(nodes.NODE_CLASS_MAPPINGS)
 
 
 def _inputs(cls) -> list[tuple[str, object, dict]]:

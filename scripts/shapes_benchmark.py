@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The shapes proof of learning, end to end, in one command (DESIGN.md 2.7; docs/SHAPES_BENCHMARK.md).
+"""The shapes proof of learning, end to end, in one command (docs/DESIGN.md 2.7; docs/SHAPES_BENCHMARK.md).
 
 Stages (each skipped when its output exists, unless --force; per-stage wall times go to RUN_DIR/timings.json):
   data         train split (seen colour/shape pairs) and test split (held-out pairs)  scripts/make_shapes_dataset.py
@@ -27,13 +27,14 @@ import sys
 import time
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent
-REPO_ROOT = SCRIPTS.parent
-for p in (str(REPO_ROOT), str(SCRIPTS)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+# the repository root, for comfy_headless, layerdiff_toy and scripts (the one sys.path line; README "Code map")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from layerdiff_model.training_config import LR_SCHEDULES  # noqa: E402 - after the path set-up
+from comfy_headless.product import product_module, product_names  # noqa: E402
+from scripts import train_layerdiff  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO_ROOT / "scripts"
 
 # Settings of the reported run and of --quick. Every training stage uses the same script and the same
 # hyper-parameters except what the ablation switches off.
@@ -77,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError:
             p.error(f"--set {item}: {key} needs a {type(args.settings[key]).__name__}")
     for key in ("base_schedule", "module_schedule"):
+        LR_SCHEDULES = product_names("layerdiff_model.training.config", "LR_SCHEDULES")
         if args.settings[key] not in LR_SCHEDULES:
             p.error(f"--set {key}={args.settings[key]}: choose one of {', '.join(LR_SCHEDULES)}")
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -92,6 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Pipeline:
     def __init__(self, args):
         self.args, self.s = args, args.settings
+        self.encoder_cache = product_module("nodes.host.training").EncoderOutputCache()  # shared by all runs
         self.dir = args.run_dir.resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.timings_file = self.dir / "timings.json"
@@ -143,7 +146,7 @@ class Pipeline:
             raise SystemExit(f"[shapes_benchmark] {script} failed (exit {code}); log {log}:\n" + "\n".join(tail))
 
     def stage_data(self) -> None:
-        import make_shapes_dataset as make
+        from scripts import make_shapes_dataset as make
 
         for out, split, count, seed in ((self.train_data, "train", self.s["train_count"], self.args.seed),
                                         (self.test_data, "test", self.s["test_count"], self.args.seed + 1)):
@@ -170,17 +173,12 @@ class Pipeline:
     def train(self, *argv) -> None:
         """scripts/train_layerdiff.py's ``train()`` in this process, so that the frozen encoders' outputs
         (``--cache-latents --cache-text``) are computed once for all training stages."""
-        import train_layerdiff
-
-        if self.args.comfyui:
-            os.environ["COMFYUI_PATH"] = self.args.comfyui
         argv = [str(a) for a in argv]
-        config = train_layerdiff.as_config(argv)
-        train_layerdiff.boot_comfyui(train_layerdiff.comfyui_root(config.comfyui), config.device)
+        config = product_names("layerdiff_model.training.config", "as_config")(argv)
         log = self.dir / "logs" / f"train-{Path(config.out).stem}.cmd"
         log.parent.mkdir(exist_ok=True)
         log.write_text("python scripts/train_layerdiff.py " + " ".join(argv) + "\n")
-        summary = train_layerdiff.train(config)
+        summary = train_layerdiff.train(config, cache=self.encoder_cache)
         if not summary.get("finished"):
             raise SystemExit(f"[shapes_benchmark] training {config.out} stopped at step {summary.get('step')}")
 
@@ -225,18 +223,18 @@ class Pipeline:
         print("\n".join(lines))
 
     def export_assets(self, target: Path) -> None:
-        import importlib.util
+        from layerdiff_toy import toy_model
 
-        spec = importlib.util.spec_from_file_location("layerdiff_toy_model", REPO_ROOT / "nodes" / "toy_model.py")
-        toy = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(toy)
-        written = toy.export_toy_assets(self.base, self.weights("full"), REPO_ROOT / target,
+        written = toy_model.export_toy_assets(self.base, self.weights("full"), REPO_ROOT / target,
                                         metadata={"benchmark_settings": json.dumps(self.s)})
         for kind, path in written.items():
             print(f"[shapes_benchmark] asset {kind}: {path} ({path.stat().st_size / 2**20:.1f} MB)")
 
 
 def main(argv=None) -> int:
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--comfyui", default="")
+    train_layerdiff.boot_comfyui(early.parse_known_args(argv)[0].comfyui)  # first: the options read the package
     Pipeline(parse_args(argv)).run()
     return 0
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the toy model family's VAE (TAESD topology) on shapes images and write the initial toy checkpoint.
 
-The toy SD1.5 checkpoint (nodes/toy_model.py) = random UNet + random frozen 2-layer CLIP (both from --clip-seed)
+The toy SD1.5 checkpoint (layerdiff_toy/toy_model.py) = random UNet + random frozen 2-layer CLIP (both from --clip-seed)
 + this trained VAE. Its UNet is then trained on composites and the LayerDiff modules on layers by
 scripts/train_layerdiff.py (scripts/shapes_benchmark.py runs the whole chain).
 
@@ -23,19 +23,18 @@ import sys
 import time
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent
-REPO_ROOT = SCRIPTS.parent
-for p in (str(REPO_ROOT), str(SCRIPTS)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+# the repository root, for comfy_headless, layerdiff_toy and scripts (the one sys.path line; README "Code map")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO_ROOT / "scripts"
 
 import torch  # noqa: E402
 
-import comfy_headless  # noqa: E402
-from layerdiff_model.autoencoder_training import (AutoencoderTrainConfig, evaluate_autoencoder,  # noqa: E402
-                                                  train_autoencoder)
-from layerdiff_model.atomic_file import atomic_path, atomic_write  # noqa: E402
-from layerdiff_model.dataset import composite, list_sample_folders, read_sample  # noqa: E402
+from comfy_headless import boot as headless  # noqa: E402
+from comfy_headless.product import product_names  # noqa: E402
+from layerdiff_toy import toy_model  # noqa: E402  (host-free at import)
+from layerdiff_toy.autoencoder_training import (AutoencoderTrainConfig, evaluate_autoencoder,  # noqa: E402
+                                                train_autoencoder)
 
 LOG = logging.getLogger("train_toy_vae")
 SD15_SCALE = 0.18215
@@ -56,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0, help="VAE init and training order")
     p.add_argument("--clip-seed", type=int, default=None, help="seed of the random UNet and CLIP (default: toy)")
-    toy = comfy_headless.toy_model()  # host-free at import: its constants only
+    toy = toy_model
     p.add_argument("--unet-width", type=int, default=toy.SHAPES_TOY_WIDTH, choices=toy.TOY_WIDTHS,
                    help=f"model_channels of the initial checkpoint's toy UNet (the shapes model is "
                         f"{toy.SHAPES_TOY_WIDTH})")
@@ -69,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def image_pool(folder: Path, max_samples: int) -> torch.Tensor:
     """uint8 [K, 3, H, W]: per sample its composite, background, foreground layers and masks (grey RGB)."""
+    composite = product_names("layerdiff_model.data.layered_sample", "composite")
+    list_sample_folders, read_sample = product_names("layerdiff_model.data.sample_files", "list_sample_folders",
+                                                     "read_sample")
     images = []
     for path in list_sample_folders(folder)[:max_samples]:
         s = read_sample(path)
@@ -121,9 +123,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    comfy_headless.boot(comfy_root=args.comfyui or None)
-    toy = comfy_headless.toy_model()
-    from safetensors.torch import load_file, save_file
+    headless.boot(comfy_root=args.comfyui or None)
+    toy = toy_model
+    atomic_write = product_names("layerdiff_model.atomic_file", "atomic_write")
+    save_safetensors = product_names("layerdiff_model.safetensors_file", "save_safetensors")
+    from safetensors.torch import load_file
 
     began = time.time()
     train_images = image_pool(args.data, args.max_samples)
@@ -146,9 +150,8 @@ def main(argv=None) -> int:
     args.out_vae.parent.mkdir(parents=True, exist_ok=True)
 
     def save(step: int) -> None:
-        with atomic_path(args.out_vae) as tmp:
-            save_file(vae_state_dict(vae), tmp, metadata={"format": "pt", "layerdiff_toy_vae": "taesd",
-                                                          "steps": str(step)})
+        save_safetensors(args.out_vae, vae_state_dict(vae), {"format": "pt", "layerdiff_toy_vae": "taesd",
+                                                                   "steps": str(step)})
 
     summary = train_autoencoder(vae.taesd_encoder, vae.taesd_decoder, train_images, config, log=LOG.info,
                                 on_checkpoint=save, checkpoint_every=args.save_every)

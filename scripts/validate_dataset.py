@@ -12,17 +12,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# The repository root is a ComfyUI custom-node package whose __init__ imports ComfyUI: import the host-free
-# model package from the root directly instead.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# the repository root, for comfy_headless, layerdiff_toy and scripts (the one sys.path line; README "Code map")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+from comfy_headless.product import product_names  # noqa: E402
 
-from layerdiff_model.dataset_validation import validate_dataset  # noqa: E402
-from layerdiff_model.errors import LayerDiffError  # noqa: E402
+validate_dataset = product_names("layerdiff_model.data.validation", "validate_dataset")
+LayerDiffError = product_names("layerdiff_model.errors", "LayerDiffError")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,9 +1,9 @@
 """Headless ComfyUI harness for the tests.
 
-The product's headless host (``scripts/comfy_headless.py``: boot ComfyUI in this process, load this repository as
-a custom node; ``scripts/comfy_prompts.py``: UI workflow -> API prompt, ComfyUI's validator and executor) plus
-what only tests need: tiny SD1.5-architecture models that ComfyUI's own loaders accept (the toy family of
-``nodes/toy_model.py``), a tiny ControlNet and an SDXL-family model that LayerDiff must refuse. The test-only
+The headless ComfyUI library (``comfy_headless.boot``: boot ComfyUI in this process, load this repository as a
+custom node; ``comfy_headless.prompts``: UI workflow -> API prompt, ComfyUI's validator and executor) plus what
+only tests need: tiny SD1.5-architecture models that ComfyUI's own loaders accept (the toy family of
+``layerdiff_toy/toy_model.py``), a tiny ControlNet and an SDXL-family model that LayerDiff must refuse. The test-only
 model configs are registered whenever ComfyUI boots, whoever boots it first.
 
 Nothing here imports ComfyUI at module import time: call :func:`boot` first (the conftest fixtures do).
@@ -11,7 +11,6 @@ Nothing here imports ComfyUI at module import time: call :func:`boot` first (the
 from __future__ import annotations
 
 import os
-import sys
 import zlib
 from pathlib import Path
 from types import ModuleType
@@ -19,9 +18,7 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-from comfy_headless import (  # noqa: E402,F401  (re-exported: the harness API the tests use)
+from comfy_headless.boot import (  # noqa: F401  (re-exported: the harness API the tests use)
     PACKAGE_DIR_NAME,
     REPO_ROOT,
     HarnessError,
@@ -32,9 +29,8 @@ from comfy_headless import (  # noqa: E402,F401  (re-exported: the harness API t
     default_comfyui_path,
     host,
     set_default_work_dir,
-    toy_model,
 )
-from comfy_prompts import (  # noqa: E402,F401
+from comfy_headless.prompts import (  # noqa: F401
     CONTROL_AFTER_GENERATE,
     MODE_BYPASSED,
     MODE_MUTED,
@@ -52,6 +48,7 @@ from comfy_prompts import (  # noqa: E402,F401
     widget_inputs,
     widget_specs,
 )
+from layerdiff_toy import toy_model
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TINY_SD15_NAME = "tiny_sd15.safetensors"
@@ -61,7 +58,7 @@ DEFAULT_SEED = 20240301
 
 # A tiny SDXL-family UNet (context 2048, pooled "adm" input): a model LayerDiff must refuse.
 TINY_SDXL_UNET_YAML = {
-    **toy_model().TOY_UNET_YAML,
+    **toy_model.TOY_UNET_YAML,
     "context_dim": 2048,
     "use_linear_in_transformer": True,
     "adm_in_channels": 2816,
@@ -70,7 +67,7 @@ TINY_SDXL_UNET_YAML = {
 
 
 # ------------------------------------------------------------------------------------------------- test model configs
-# The toy SD1.5 family (UNet width 32, 2-layer CLIP, TAESD VAE) is product code: nodes/toy_model.py. The harness
+# The toy SD1.5 family (UNet width 32, 2-layer CLIP, TAESD VAE) lives in layerdiff_toy/toy_model.py. The harness
 # adds only what tests need on top (an SDXL-family model that must be refused, the tiny ControlNet).
 _TEST_CONFIGS: dict[str, type] = {}
 
@@ -85,7 +82,7 @@ def register_test_model_configs() -> dict[str, type]:
         return _TEST_CONFIGS
     import comfy.supported_models as supported
 
-    _TEST_CONFIGS.update(TinySD15=toy_model().register_toy_sd15(), TinySDXL=_make_tiny_sdxl_class(supported))
+    _TEST_CONFIGS.update(TinySD15=toy_model.register_toy_sd15(), TinySDXL=_make_tiny_sdxl_class(supported))
     return _TEST_CONFIGS
 
 
@@ -103,23 +100,23 @@ def _make_tiny_sdxl_class(supported: ModuleType) -> type:
 
 
 def tiny_unet_config(yaml_config: dict | None = None) -> dict:
-    return toy_model().toy_unet_config(yaml_config)
+    return toy_model.toy_unet_config(yaml_config)
 
 
 def init_weights_(module: torch.nn.Module, seed: int = DEFAULT_SEED, std: float | str = 0.02, prefix: str = "") -> None:
-    toy_model().init_weights_(module, seed, std, prefix)
+    toy_model.init_weights_(module, seed, std, prefix)
 
 
 def build_tiny_sd15_model(seed: int = DEFAULT_SEED):
     register_test_model_configs()
-    return toy_model().build_toy_sd15_model(seed)
+    return toy_model.build_toy_sd15_model(seed)
 
 
 def make_tiny_sd15_checkpoint(path: str | os.PathLike, seed: int = DEFAULT_SEED, vae: str = "taesd",
                               dtype: torch.dtype = torch.float32) -> Path:
     """Write a toy SD1.5 checkpoint with random weights (loads after :func:`register_test_model_configs`)."""
     register_test_model_configs()
-    return toy_model().make_toy_sd15_checkpoint(path, seed, vae, dtype)
+    return toy_model.make_toy_sd15_checkpoint(path, seed, vae, dtype)
 
 
 def make_tiny_controlnet(path: str | os.PathLike, seed: int = DEFAULT_SEED + 1, zero_conv_std: float = 0.2) -> Path:
@@ -164,7 +161,7 @@ def make_tiny_sdxl_like_unet_model(seed: int = DEFAULT_SEED):
 
     config_class = register_test_model_configs()["TinySDXL"]
     with torch.no_grad():
-        model = toy_model().cpu_model_config(config_class, tiny_unet_config(TINY_SDXL_UNET_YAML)).get_model({})
+        model = toy_model.cpu_model_config(config_class, tiny_unet_config(TINY_SDXL_UNET_YAML)).get_model({})
     init_weights_(model.diffusion_model, seed)
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))

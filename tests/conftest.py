@@ -1,17 +1,19 @@
 """Shared pytest fixtures: a headless ComfyUI booted once per session (see tests/comfy_host.py).
 
-Nothing here boots ComfyUI unless a test asks for one of the host fixtures, so host-free unit tests stay fast.
+The extension's modules come from the one copy ComfyUI loads (comfy_headless.product), so the first test module
+that takes one boots ComfyUI, at collection; its folders go to a session temp folder that is removed at the end.
 """
 from __future__ import annotations
 
 import os
-import sys
+import shutil
+import tempfile
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import comfy_host
 
-import comfy_host  # noqa: E402  (tests/ must be importable first)
+_WORK_DIR: str | None = None
 
 
 def pytest_configure(config):
@@ -26,21 +28,25 @@ def pytest_configure(config):
     # noise from ComfyUI's own modules, not from this project
     config.addinivalue_line("filterwarnings", "ignore:invalid escape sequence:DeprecationWarning")
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script` is deprecated:FutureWarning")
+    comfy_host.set_default_work_dir(_session_work_dir)
+
+
+def _session_work_dir() -> str:
+    global _WORK_DIR
+    _WORK_DIR = tempfile.mkdtemp(prefix="layerdiff-pytest-comfyui-")
+    return _WORK_DIR
+
+
+def pytest_unconfigure(config):
+    comfy_host.set_default_work_dir(None)
+    if _WORK_DIR is not None:
+        shutil.rmtree(_WORK_DIR, ignore_errors=True)
 
 
 def pytest_report_header(config):
     root = comfy_host.default_comfyui_path()
     state = comfy_host._comfy_version(root) if (root / "nodes.py").is_file() else "missing"
     return f"ComfyUI host: {root} ({state})"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _comfyui_folders_in_pytest_tmp(tmp_path_factory):
-    """Whoever boots ComfyUI first (fixture or helper), its folders go to pytest's session temp dir (pytest keeps
-    the last three sessions). Boots nothing by itself."""
-    comfy_host.set_default_work_dir(lambda: tmp_path_factory.mktemp("comfyui"))
-    yield
-    comfy_host.set_default_work_dir(None)
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,10 @@
 """Helpers shared by the host-integration tests: our loaded package's modules, tiny weights, layered runs."""
 from __future__ import annotations
 
-import importlib
-
-import torch
 
 import comfy_host
-
-
-def package_module(name: str):
-    """A submodule of the LayerDiff package as ComfyUI loaded it, e.g. ``nodes.host_adapter``."""
-    comfy_host.boot()
-    return importlib.import_module(f"{comfy_host.host().package.__name__}.{name}")
+from comfy_headless.nodes_api import call_node
+from comfy_headless.product import product_module as package_module  # noqa: F401  (the tests' name for it)
 
 
 def node(name: str):
@@ -19,7 +12,7 @@ def node(name: str):
 
 
 def adapter():
-    return package_module("nodes.host_adapter")
+    return package_module("nodes.host.inference")
 
 
 def tiny_model():
@@ -39,7 +32,7 @@ def save_tiny_weights(name: str, modules) -> str:
     """Write ``modules`` into this session's models/layerdiff folder; returns the name the loader lists."""
     import folder_paths
 
-    weights = package_module("layerdiff_model.weights")
+    weights = package_module("layerdiff_model.modules.weights")
     weights.save_weights(comfy_host.host().model_path("layerdiff", name), modules)
     getattr(folder_paths, "filename_list_cache", {}).pop("layerdiff", None)
     return name
@@ -61,15 +54,6 @@ def sample(model, positive, negative, latent, steps=3, cfg=5.0, smg_scale=0.0, s
 
 
 def core_node(name: str, **inputs) -> tuple:
-    """Run the core ComfyUI node ``name`` (its node id) with keyword inputs; returns its outputs as a tuple.
-
-    Classic nodes (INPUT_TYPES / FUNCTION) and 0.3.x V3 nodes (an ``execute`` classmethod returning a NodeOutput,
-    e.g. Self-Attention Guidance, Rebatch Latents) alike.
-    """
-    import nodes
-
-    comfy_host.boot()
-    cls = nodes.NODE_CLASS_MAPPINGS[name]
-    if hasattr(cls, "define_schema"):  # V3 node
-        return tuple(cls.execute(**inputs).args)
-    return tuple(getattr(cls(), cls.FUNCTION)(**inputs))
+    """Run the core ComfyUI node ``name`` (its node id) with keyword inputs; returns its outputs as a tuple
+    (classic and 0.3.x V3 nodes alike)."""
+    return call_node(name, **inputs)

@@ -14,7 +14,7 @@ import torch
 import comfy_host
 from layerdiff_host import adapter, core_node, encode, node, package_module, sample, tiny_model, tiny_modules
 
-SAG_SIZE = 128  # SAG in 0.3.64 crashes when the middle block is 1x1 (DESIGN.md 4): >= 128 px for the tiny UNet
+SAG_SIZE = 128  # SAG in 0.3.64 crashes when the middle block is 1x1 (docs/DESIGN.md 4): >= 128 px for the tiny UNet
 
 
 @pytest.fixture(scope="module")
@@ -310,19 +310,21 @@ VERSION_PROBES = re.compile(r"(hasattr|getattr)\(\s*(comfy|nodes|execution|folde
 
 def test_version_differences_live_in_compat_only():
     offenders = []
-    for path in sorted((comfy_host.REPO_ROOT / "nodes").glob("*.py")):
+    for path in sorted((comfy_host.REPO_ROOT / "nodes").rglob("*.py")):
         if path.name != "compat.py" and VERSION_PROBES.search(path.read_text()):
             offenders.append(path.name)
-    assert not offenders, f"host-version checks outside nodes/compat.py: {offenders}"
-    compat = package_module("nodes.compat")
+    assert not offenders, f"host-version checks outside nodes/host/compat.py: {offenders}"
+    compat = package_module("nodes.host.compat")
     assert compat.calc_uncond and compat.register_model_folder  # the one compatibility module, loaded in this host
 
 
 # ------------------------------------------------------------------------------------------ 8. devices and dtypes
-SAMPLING_PATH = ("nodes/host_adapter.py", "nodes/compat.py", "nodes/nodes_sampling.py", "nodes/nodes_model.py",
-                 "nodes/nodes_conditioning.py", "layerdiff_model/modules.py", "layerdiff_model/attention.py",
-                 "layerdiff_model/enhancer.py", "layerdiff_model/mask_readout.py", "layerdiff_model/smg.py",
-                 "layerdiff_model/slots.py", "layerdiff_model/conditioning.py", "layerdiff_model/weights.py")
+SAMPLING_PATH = ("nodes/host/inference.py", "nodes/host/compat.py", "nodes/nodes_sampling.py", "nodes/nodes_model.py",
+                 "nodes/nodes_conditioning.py", "layerdiff_model/modules/container.py",
+                 "layerdiff_model/modules/attention.py", "layerdiff_model/modules/enhancer.py",
+                 "layerdiff_model/modules/mask_readout.py", "layerdiff_model/sampling/smg.py",
+                 "layerdiff_model/slots.py", "layerdiff_model/sampling/conditioning.py",
+                 "layerdiff_model/modules/weights.py", "layerdiff_model/sampling/prompt_kv_cache.py")
 
 
 def test_nothing_cuda_only_in_the_sampling_path():

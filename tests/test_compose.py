@@ -1,10 +1,11 @@
-"""Layered images <-> decoded slots <-> composite (layerdiff_model.compose; pure torch, no ComfyUI)."""
+"""Layered images <-> decoded slots <-> composite (layerdiff_model.layers.compose; pure torch, no ComfyUI)."""
 import pytest
 import torch
+from comfy_headless.product import product_module, product_names
 
-from layerdiff_model import compose as C
-from layerdiff_model.errors import LayerDiffError, LayoutError
-from layerdiff_model.slots import pack
+C = product_module("layerdiff_model.layers.compose")
+LayerDiffError, LayoutError = product_names("layerdiff_model.errors", "LayerDiffError", "LayoutError")
+pack = product_names("layerdiff_model.slots", "pack")
 
 
 def known_layers(b=2, n=2, h=6, w=5, seed=0, soft=False):

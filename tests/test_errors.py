@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 import comfy_host
 from layerdiff_host import (adapter, empty_latent, encode, node, package_module, sample, save_tiny_weights,

@@ -19,9 +19,10 @@ import pytest
 from PIL import Image
 
 import comfy_host
-import generate_layers
+from comfy_headless.product import product_module
 from layerdiff_host import save_tiny_weights, tiny_model, tiny_modules
-from layerdiff_model import layered_files
+from scripts import generate_layers
+layered_files = product_module("layerdiff_model.layers.layered_files")
 
 RUNNER = comfy_host.REPO_ROOT / "scripts" / "generate_layers.py"
 WIDTH, HEIGHT = 64, 48
@@ -110,11 +111,25 @@ def test_one_foreground_runs_the_two_layer_workflow_and_wrong_weights_fail_in_on
 @pytest.mark.parametrize("args, fragments", [
     (["--checkpoint", "missing.safetensors", "--weights", "w.safetensors"], ["--checkpoint missing.safetensors: no such file"]),
     (["--checkpoint", "{weights}", "--weights", "{weights}"], ["not a single-file Stable Diffusion checkpoint"]),
-    (["--checkpoint", "{sdxl}", "--weights", "{weights}"], ["another model family", "SD1.5"]),
     (["--checkpoint", "{sdxl}"], ["--checkpoint needs --weights too"]),
     (["--workflow", "nowhere.json"], ["--workflow nowhere.json: no such file"]),
-], ids=["missing-file", "weights-as-checkpoint", "sdxl-checkpoint", "checkpoint-without-weights", "missing-workflow"])
+], ids=["missing-file", "weights-as-checkpoint", "checkpoint-without-weights", "missing-workflow"])
 def test_user_errors_are_one_line_before_comfyui_boots(args, fragments, tmp_path):
+    result = generate(*[a.format(**_bad_files(tmp_path)) for a in args], cwd=tmp_path)
+    _one_line_error(result, *fragments)
+    assert "==> starting ComfyUI" not in result.stderr
+
+
+def test_a_checkpoint_of_another_family_is_refused_in_one_line_before_any_model_loads(tmp_path):
+    """The context-width check reads SD1.5's width from the booted package (one constant), before any model loads."""
+    files = _bad_files(tmp_path)
+    result = generate("--checkpoint", files["sdxl"], "--weights", files["weights"], "--out", "out", cwd=tmp_path)
+    _one_line_error(result, "another model family", "context width 768", "SD1.5")
+    assert "==> running" not in result.stderr
+    assert not any((tmp_path / "out").iterdir())
+
+
+def _bad_files(tmp_path: Path) -> dict:
     import torch
     from safetensors.torch import save_file
 
@@ -123,10 +138,7 @@ def test_user_errors_are_one_line_before_comfyui_boots(args, fragments, tmp_path
     sdxl = tmp_path / "sdxl.safetensors"
     save_file({"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(4, 2048)},
               str(sdxl))
-    args = [a.format(weights=weights, sdxl=sdxl) for a in args]
-    result = generate(*args, cwd=tmp_path)
-    _one_line_error(result, *fragments)
-    assert "==> starting ComfyUI" not in result.stderr
+    return {"weights": weights, "sdxl": sdxl}
 
 
 def test_node_errors_become_one_line_with_what_to_pass():

@@ -1,4 +1,4 @@
-"""PSD / ORA files that layer editors open (layerdiff_model.layered_files; pure, no ComfyUI).
+"""PSD / ORA files that layer editors open (layerdiff_model.layers.layered_files; pure, no ComfyUI).
 
 PSD files are checked with psd-tools (a test-only dependency, an independent reader) and with our own reader.
 """
@@ -11,10 +11,11 @@ import zipfile
 import numpy as np
 import pytest
 from PIL import Image
+from comfy_headless.product import product_module, product_names
 
-from layerdiff_model import atomic_file
-from layerdiff_model import layered_files as F
-from layerdiff_model.errors import LayerDiffError
+atomic_file = product_module("layerdiff_model.atomic_file")
+F = product_module("layerdiff_model.layers.layered_files")
+LayerDiffError = product_names("layerdiff_model.errors", "LayerDiffError")
 
 NAMES_TOP_FIRST = ["a red circle", "Käse ☕ layer 🦊"]
 
@@ -228,10 +229,11 @@ def test_weights_checkpoints_and_grids_get_normal_permissions(tmp_path):
     copied into another user's ComfyUI must be readable)."""
     import torch
 
-    from layerdiff_model import train_state, validation_grid
-    from layerdiff_model.config import LayerDiffConfig, Site
-    from layerdiff_model.modules import LayerDiffModules
-    from layerdiff_model.weights import save_weights
+    train_state = product_module("layerdiff_model.training.state")
+    validation_grid = product_module("layerdiff_model.training.validation_grid")
+    LayerDiffConfig, Site = product_names("layerdiff_model.modules.config", "LayerDiffConfig", "Site")
+    LayerDiffModules = product_names("layerdiff_model.modules.container", "LayerDiffModules")
+    save_weights = product_names("layerdiff_model.modules.weights", "save_weights")
 
     old_umask = os.umask(0o022)
     try:

@@ -6,14 +6,18 @@ import sys
 
 import pytest
 import torch
+from comfy_headless.product import product_module, product_names
 
-from layerdiff_model import slots, smg
-from layerdiff_model.attention import multi_head_attention
-from layerdiff_model.conditioning import LayerPrompts, slot_context_rows, stack_layer_embeds
-from layerdiff_model.config import LayerDiffConfig, Site
-from layerdiff_model.errors import LayoutError, WeightsFileError
-from layerdiff_model.modules import LayerDiffModules
-from layerdiff_model.weights import load_config, load_modules, save_weights
+slots = product_module("layerdiff_model.slots")
+smg = product_module("layerdiff_model.sampling.smg")
+multi_head_attention = product_names("layerdiff_model.modules.attention", "multi_head_attention")
+LayerPrompts, slot_context_rows, stack_layer_embeds = product_names(
+    "layerdiff_model.sampling.conditioning", "LayerPrompts", "slot_context_rows", "stack_layer_embeds")
+LayerDiffConfig, Site = product_names("layerdiff_model.modules.config", "LayerDiffConfig", "Site")
+LayoutError, WeightsFileError = product_names("layerdiff_model.errors", "LayoutError", "WeightsFileError")
+LayerDiffModules = product_names("layerdiff_model.modules.container", "LayerDiffModules")
+load_config, load_modules, save_weights = product_names(
+    "layerdiff_model.modules.weights", "load_config", "load_modules", "save_weights")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SITES = (Site("input", 1, 0, 32, 4), Site("middle", 0, 0, 64, 8))
@@ -24,8 +28,12 @@ def make_modules(zero=True, seed=0, **kw):
 
 
 def test_model_package_imports_without_comfyui():
-    code = ("import sys; sys.modules['comfy'] = None; sys.modules['folder_paths'] = None;"
-            "import layerdiff_model.modules, layerdiff_model.weights, layerdiff_model.smg, layerdiff_model.conditioning")
+    """Every module of layerdiff_model imports in a process where ComfyUI cannot be imported."""
+    code = ("import sys, pkgutil, importlib; sys.modules['comfy'] = None; sys.modules['folder_paths'] = None; "
+            "import layerdiff_model as p; "
+            "names = [m.name for m in pkgutil.walk_packages(p.__path__, 'layerdiff_model.')]; "
+            "[importlib.import_module(n) for n in names]; assert len(names) >= 30, names; "
+            "assert not any(k == 'comfy' or k.startswith('comfy.') for k in sys.modules if sys.modules[k] is not None)")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
@@ -148,13 +156,13 @@ def test_weights_errors(tmp_path):
 
 
 def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
-    import layerdiff_model.weights as w
+    w = product_module("layerdiff_model.modules.weights")
     target = tmp_path / "w.safetensors"
     target.write_bytes(b"old")
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(w, "save_file", boom)
+    monkeypatch.setattr(product_module("layerdiff_model.safetensors_file"), "save_file", boom)
     with pytest.raises(OSError):
         w.save_weights(target, make_modules())
     assert target.read_bytes() == b"old"
@@ -194,8 +202,8 @@ def test_narrow_enhancer_is_identity_at_init_and_small():
 def test_distinct_context_rows_give_the_same_layer_block_output():
     """Projecting keys/values once per distinct layer prompt (the speed path the UNet patch takes) changes
     nothing: same residual as attending to the full per-row context."""
-    from layerdiff_model.attention import LayerCollaborativeBlock
-    from layerdiff_model.conditioning import distinct_rows
+    LayerCollaborativeBlock = product_names("layerdiff_model.modules.attention", "LayerCollaborativeBlock")
+    distinct_rows = product_names("layerdiff_model.sampling.conditioning", "distinct_rows")
 
     torch.manual_seed(0)
     block = LayerCollaborativeBlock(32, 4, 48, num_roles=7)
@@ -218,8 +226,8 @@ def test_distinct_context_rows_give_the_same_layer_block_output():
 def test_prompt_keys_and_values_are_reused_across_calls_only_while_valid():
     """Sampling reuses the layer prompts' keys/values across steps: same output, projected once; a weight
     update (training) or recorded gradients never see stale ones."""
-    from layerdiff_model.attention import IntraLayerCrossAttention
-    from layerdiff_model.prompt_kv_cache import PromptKVCache
+    IntraLayerCrossAttention = product_names("layerdiff_model.modules.attention", "IntraLayerCrossAttention")
+    PromptKVCache = product_names("layerdiff_model.sampling.prompt_kv_cache", "PromptKVCache")
 
     torch.manual_seed(0)
     attn = IntraLayerCrossAttention(32, 4, 48)
@@ -245,8 +253,8 @@ def test_prompt_keys_and_values_are_reused_across_calls_only_while_valid():
 
 def test_prompt_kv_cache_works_with_weights_loaded_in_inference_mode():
     """ComfyUI's executor loads weights under torch.inference_mode: those tensors have no version counter."""
-    from layerdiff_model.attention import IntraLayerCrossAttention
-    from layerdiff_model.prompt_kv_cache import PromptKVCache
+    IntraLayerCrossAttention = product_names("layerdiff_model.modules.attention", "IntraLayerCrossAttention")
+    PromptKVCache = product_names("layerdiff_model.sampling.prompt_kv_cache", "PromptKVCache")
 
     with torch.inference_mode():
         attn = IntraLayerCrossAttention(32, 4, 48)

@@ -1,21 +1,23 @@
-"""The procedural "shapes" dataset and its evaluation classifiers (DESIGN.md 2.7)."""
+"""The procedural "shapes" dataset and its evaluation classifiers (docs/DESIGN.md 2.7)."""
 import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
-import json  # noqa: E402
-import subprocess  # noqa: E402
+import json
+import subprocess
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from comfy_headless.product import product_module, product_names
 
-from layerdiff_model import dataset as D  # noqa: E402
-from layerdiff_model import shapes as S  # noqa: E402
-from layerdiff_model.errors import DatasetError  # noqa: E402
+layered_sample = product_module("layerdiff_model.data.layered_sample")
+sample_folders = product_module("layerdiff_model.data.sample_files")
+shards = product_module("layerdiff_model.data.shards")
+data_validation = product_module("layerdiff_model.data.validation")
+from layerdiff_toy import shapes as S
+DatasetError = product_names("layerdiff_model.errors", "DatasetError")
 
 
 def test_generator_is_deterministic_per_seed():
@@ -36,7 +38,7 @@ def test_samples_are_well_formed(size):
     for sample in S.generate_samples(0, 40, config):
         n = sample.num_foregrounds
         counts.add(n)
-        assert D.check_sample(sample) == []
+        assert layered_sample.check_sample(sample) == []
         assert sample.size == (size, size) and 1 <= n <= 3
         truth = S.shapes_truth(sample)
         assert sample.foreground_prompts == [S.shape_prompt(f.colour, f.shape) for f in truth.foregrounds]
@@ -151,11 +153,11 @@ def test_classifier_basics():
 
 def test_ground_truth_survives_the_disk(tmp_path):
     sample = S.generate_sample(2, 5)
-    back = D.read_sample(D.write_sample(tmp_path / "s", sample))
+    back = sample_folders.read_sample(sample_folders.write_sample(tmp_path / "s", sample))
     a, b = S.shapes_truth(sample), S.shapes_truth(back)
     assert (a.background_colour, a.background_texture) == (b.background_colour, b.background_texture)
     assert all(torch.equal(x.mask, y.mask) and x.shape == y.shape for x, y in zip(a.foregrounds, b.foregrounds))
-    plain = D.LayeredSample("g", "b", ["f"], back.background, back.foregrounds[:1], back.masks[:1])
+    plain = layered_sample.LayeredSample("g", "b", ["f"], back.background, back.foregrounds[:1], back.masks[:1])
     with pytest.raises(DatasetError, match="shapes generator"):
         S.shapes_truth(plain)
 
@@ -168,26 +170,22 @@ def test_make_shapes_dataset_script(tmp_path):
     run = subprocess.run([sys.executable, script, "--out", str(tmp_path / "f"), "--count", "12", "--size", "32",
                           "--seed", "3", "--split", "test"], capture_output=True, text=True, cwd=REPO_ROOT)
     assert run.returncode == 0, run.stderr
-    report = D.validate_dataset(tmp_path / "f")
+    report = data_validation.validate_dataset(tmp_path / "f")
     assert report.ok and report.good == 12
     info = json.loads((tmp_path / "f" / "shapes_dataset.json").read_text())
     assert info["split"] == "test" and [tuple(c) for c in info["combinations"]] == S.held_out_combinations()[1]
-    first = D.read_sample(tmp_path / "f" / "00000000")
+    first = sample_folders.read_sample(tmp_path / "f" / "00000000")
     assert first.global_prompt == S.generate_sample(3, 0, S.config_for_split("test", size=32)).global_prompt
 
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    try:
-        import make_shapes_dataset as make
-    finally:
-        sys.path.remove(str(REPO_ROOT / "scripts"))
+    from scripts import make_shapes_dataset as make
     args = make.parse_args(["--out", str(tmp_path / "s"), "--count", "5", "--format", "shards",
                             "--samples-per-shard", "2", "--seed", "3", "--split", "test", "--size", "32"])
     assert make.main(args) == 0
-    shards = D.find_shards(tmp_path / "s")
-    assert len(shards) == 3
-    from_shards = list(D.iter_shard_samples(shards))
-    assert [s.global_prompt for s in from_shards] == [D.read_sample(tmp_path / "f" / f"{i:08d}").global_prompt
-                                                      for i in range(5)]
+    found = shards.find_shards(tmp_path / "s")
+    assert len(found) == 3
+    from_shards = list(shards.iter_shard_samples(found))
+    assert [s.global_prompt for s in from_shards] == [
+        sample_folders.read_sample(tmp_path / "f" / f"{i:08d}").global_prompt for i in range(5)]
     with pytest.raises(SystemExit):
         make.parse_args(["--out", str(tmp_path / "f"), "--count", "3"])  # not empty, no --overwrite
     with pytest.raises(SystemExit):

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 import comfy_host
+from layerdiff_toy import toy_model
+from comfy_headless.product import product_names
 
 SCRIPT = comfy_host.REPO_ROOT / "scripts" / "shapes_benchmark.py"
 DIAGNOSTICS = comfy_host.REPO_ROOT / "scripts" / "denoising_diagnostics.py"
@@ -55,14 +57,14 @@ def test_every_stage_runs_and_the_exported_assets_load(benchmark_run, tmp_path):
     for name in ("full", "no_intra", "no_inter", "no_enhancer"):
         assert (run_dir / f"layerdiff_{name}.safetensors").stat().st_size > 0
 
-    toy = comfy_host.toy_model()
+    toy = toy_model
     checkpoint = toy.assemble_toy_checkpoint(tmp_path / "toy.safetensors", assets)
     from safetensors import safe_open
 
     with safe_open(str(checkpoint), framework="pt") as fh:
         width = fh.get_slice("model.diffusion_model.input_blocks.0.0.weight").get_shape()[0]
     assert width == toy.SHAPES_TOY_WIDTH
-    from layerdiff_model.weights import load_modules
+    load_modules = product_names("layerdiff_model.modules.weights", "load_modules")
 
     modules = load_modules(toy.toy_layerdiff_weights_path(assets))
     assert modules.config.max_foregrounds == 2 and modules.config.use_role_modulation

@@ -15,9 +15,11 @@ import pytest
 import torch
 
 import comfy_host
+from layerdiff_toy import toy_model
 import layerdiff_host as ld
-from layerdiff_model import shapes
-from layerdiff_model.shapes_eval import content_region
+from layerdiff_toy import shapes
+from layerdiff_toy.shapes_eval import content_region
+from comfy_headless.product import product_names
 
 SEEDS = tuple(range(8))
 MIN_PASSING = 7  # of SEEDS; measured pass rate of the shipped weights: docs/SHAPES_BENCHMARK.md ("end-to-end test")
@@ -27,7 +29,7 @@ IOU_MIN = 0.5
 
 
 def toy():
-    return comfy_host.toy_model()
+    return toy_model
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +142,7 @@ def test_assemble_fails_loudly_when_the_regenerated_text_encoder_differs(tmp_pat
 
 def test_shipped_assets_are_small_and_the_weights_load():
     t = toy()
-    from layerdiff_model.weights import load_config
+    load_config = product_names("layerdiff_model.modules.weights", "load_config")
 
     sizes = {p.name: p.stat().st_size for p in t.TOY_ASSETS_DIR.glob("*.safetensors")}
     assert set(sizes) == {t.TOY_BASE_ASSET, t.TOY_LAYERDIFF_ASSET}

@@ -19,17 +19,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def training():
-    return package_module("nodes.training_adapter")
+    return package_module("nodes.host.training")
 
 
 @pytest.fixture(scope="module")
 def layered_data(tmp_path_factory) -> Path:
-    shapes = package_module("layerdiff_model.shapes")
-    dataset = package_module("layerdiff_model.dataset")
+    from layerdiff_toy import shapes
+
+    sample_files = package_module("layerdiff_model.data.sample_files")
     root = tmp_path_factory.mktemp("train-data")
     config = shapes.ShapesConfig(size=32, min_foregrounds=1, max_foregrounds=2)
     for i, s in enumerate(shapes.generate_samples(11, 4, config)):
-        dataset.write_sample(root / f"{i:03d}", s, overwrite=True)
+        sample_files.write_sample(root / f"{i:03d}", s, overwrite=True)
     return root
 
 
@@ -48,8 +49,8 @@ def options(tmp: Path, checkpoint: Path, data: Path, run: str, **kw) -> dict:
 
 def trainer_for(opts: dict):
     t = training()
-    config = package_module("layerdiff_model.training_config").as_config(opts)
-    return package_module("layerdiff_model.training").Trainer(config, t.ComfyTrainingModel(config))
+    config = package_module("layerdiff_model.training.config").as_config(opts)
+    return package_module("layerdiff_model.training.loop").Trainer(config, t.ComfyTrainingModel(config))
 
 
 def one_step_grads(trainer, batch_seed: int = 0) -> tuple[float, dict]:
@@ -63,7 +64,7 @@ def one_step_grads(trainer, batch_seed: int = 0) -> tuple[float, dict]:
 def test_modules_get_gradients_through_the_comfyui_patch(tmp_path, checkpoint, layered_data):
     trainer = trainer_for(options(tmp_path, checkpoint, layered_data, "grads", prompt_dropout=0.0))
     model = trainer.model
-    assert isinstance(model.patched.model.apply_model, package_module("nodes.host_adapter").LayeredApplyModel)
+    assert isinstance(model.patched.model.apply_model, package_module("nodes.host.inference").LayeredApplyModel)
     loss, grads = one_step_grads(trainer)
     outputs = [k for k in grads if ".to_out.weight" in k]  # zero-initialised: the first step reaches them
     assert len(outputs) == 2 * len(model.modules.config.sites)
@@ -92,7 +93,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, checkpoint, l
             b.copy_(a)
     loss_a, grads_a = one_step_grads(plain)
     loss_b, grads_b = one_step_grads(ckpt)
-    unet_checkpointing = package_module("nodes.unet_checkpointing")
+    unet_checkpointing = package_module("nodes.host.unet_checkpointing")
     assert unet_checkpointing.disable(ckpt.model.unet, ckpt.model.modules) > 0
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     worst = max(float((grads_a[k] - grads_b[k]).norm() / grads_a[k].norm().clamp_min(1e-30)) for k in grads_a)
@@ -118,7 +119,8 @@ def test_caches_and_fast_autograd_give_the_same_gradients(tmp_path, checkpoint, 
         assert loss_b == pytest.approx(loss_a, rel=1e-6)
         for k in grads_a:
             torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-5, atol=1e-8)
-    assert training()._LATENT_CACHE and training()._TEXT_CACHE
+    assert cached.model.cache.latents and cached.model.cache.texts  # the run's own cache, not a process global
+    assert not plain.model.cache.latents and not plain.model.cache.texts
     assert not plain.model._mutation_safe_autograd  # the fast path ran on this host
     assert plain.model.use_mutation_safe_autograd()
     loss_a, grads_a = one_step_grads(plain)
@@ -158,7 +160,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, checkpoint, layered_dat
     first = t.train(options(tmp_path, checkpoint, layered_data, "split", stop_after=2, **opts))
     second = t.train(options(tmp_path, checkpoint, layered_data, "split", resume=True, **opts))
     assert whole["finished"] and not first["finished"] and second["resumed_at"] == 2 and second["finished"]
-    state = package_module("layerdiff_model.train_state")
+    state = package_module("layerdiff_model.training.state")
     a = state.load_checkpoint(state.latest_checkpoint(tmp_path / "whole"))
     b = state.load_checkpoint(state.latest_checkpoint(tmp_path / "split"))
     for k in a["trainable"]:
@@ -201,7 +203,7 @@ def test_torchrun_two_processes_train_in_sync_and_resume_exactly(tmp_path, check
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         runs[run] = result
     assert "stopped at step 2" in runs["split"].stdout and "finished" in runs["split2"].stdout
-    state = package_module("layerdiff_model.train_state")
+    state = package_module("layerdiff_model.training.state")
     a = state.load_checkpoint(state.latest_checkpoint(tmp_path / "whole"))
     b = state.load_checkpoint(state.latest_checkpoint(tmp_path / "split"))
     assert a["world_size"] == 2 and len(a["data"]) == 2 and a["step"] == b["step"] == 4

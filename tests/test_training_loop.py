@@ -1,4 +1,4 @@
-"""Host-free tests of the training loop (layerdiff_model/training.py and friends) with a small pure-torch model
+"""Host-free tests of the training loop (layerdiff_model/training/ and friends) with a small pure-torch model
 that implements the TrainableModel protocol. The ComfyUI side is covered by tests/test_training.py."""
 from __future__ import annotations
 
@@ -11,18 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from comfy_headless.product import product_module, product_names
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from layerdiff_model import train_state  # noqa: E402
-from layerdiff_model.dataset import write_sample  # noqa: E402
-from layerdiff_model.ema import EMA  # noqa: E402
-from layerdiff_model.shapes import ShapesConfig, generate_samples  # noqa: E402
-from layerdiff_model.train_log import read_metrics  # noqa: E402
-from layerdiff_model.training import Trainer  # noqa: E402
-from layerdiff_model.training_config import (TrainConfig, TrainConfigError, as_config,  # noqa: E402
-                                             build_parser)
+train_state = product_module("layerdiff_model.training.state")
+write_sample = product_names("layerdiff_model.data.sample_files", "write_sample")
+EMA = product_names("layerdiff_model.training.ema", "EMA")
+from layerdiff_toy.shapes import ShapesConfig, generate_samples
+read_metrics = product_names("layerdiff_model.training.log", "read_metrics")
+Trainer = product_names("layerdiff_model.training.loop", "Trainer")
+TrainConfig, TrainConfigError, as_config, build_parser = product_names(
+    "layerdiff_model.training.config", "TrainConfig", "TrainConfigError", "as_config", "build_parser")
 
 
 class FakeDiffusion(torch.nn.Module):
@@ -230,7 +230,7 @@ def test_config_errors_name_the_option():
 
 
 def test_min_snr_weighting_down_weights_low_noise_rows():
-    from layerdiff_model import training
+    training = product_module("layerdiff_model.training.loop")
 
     pred, noise = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)  # per-row MSE 1
     sigmas = torch.tensor([0.1, 10.0])  # SNR 100 (low noise) and 0.01 (high noise)
@@ -242,7 +242,7 @@ def test_min_snr_weighting_down_weights_low_noise_rows():
 
 
 def test_high_noise_weight_keeps_x0_errors_of_noisy_rows():
-    from layerdiff_model import training
+    training = product_module("layerdiff_model.training.loop")
 
     pred, noise = torch.ones(2, 4, 2, 2), torch.zeros(2, 4, 2, 2)  # per-row eps-MSE 1
     sigmas = torch.tensor([0.1, 10.0])
@@ -257,7 +257,8 @@ def test_high_noise_weight_keeps_x0_errors_of_noisy_rows():
 
 
 def test_base_model_images_add_each_layer_with_its_own_prompt(data):
-    from layerdiff_model.training_data import BatchStream, base_model_images, open_dataset
+    BatchStream, base_model_images, open_dataset = product_names(
+        "layerdiff_model.training.data", "BatchStream", "base_model_images", "open_dataset")
 
     batch = next(iter(BatchStream(open_dataset(str(data), 32, 0), 2, 0)))
     n = batch["num_foregrounds"]
@@ -278,7 +279,7 @@ import os, sys
 import torch
 import torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-from layerdiff_model.training import Distributed, TrainingDivergedError
+from layerdiff_model.training.loop import Distributed, TrainingDivergedError  # this process: pure, no ComfyUI
 
 
 def worker(rank, port, out):

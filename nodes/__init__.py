@@ -3,7 +3,7 @@ from .host import inference
 from .nodes_conditioning import LayerDiffEnhancePrompts, LayerDiffPromptEncode
 from .nodes_layers import LayerDiffComposeLayers, LayerDiffSaveLayers, LayerDiffSplitLayers
 from .nodes_model import LayerDiffApply, LayerDiffLoadWeights
-from .nodes_sampling import LayerDiffEmptyLatent, LayerDiffSMGSampler
+from .nodes_sampling import LayerDiffEmptyLatent, LayerDiffSelfMaskGuidance, LayerDiffSMGSampler
 
 # Node ids are public API (saved in workflows): never rename them. Display names may change.
 _NODES = (
@@ -13,6 +13,7 @@ _NODES = (
     LayerDiffEnhancePrompts,
     LayerDiffEmptyLatent,
     LayerDiffSMGSampler,
+    LayerDiffSelfMaskGuidance,
     LayerDiffSplitLayers,
     LayerDiffComposeLayers,
     LayerDiffSaveLayers,

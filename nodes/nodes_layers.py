@@ -10,6 +10,7 @@ from ..layerdiff_model.layers import compose as layer_compose
 from ..layerdiff_model.layers import layered_files
 from ..layerdiff_model.errors import LayoutError
 from .host import inference
+from .input_checks import require_finite
 
 CATEGORY = "LayerDiff/layers"
 LAYERS_TYPE = "LAYERDIFF_LAYERS"
@@ -47,6 +48,7 @@ class LayerDiffSplitLayers:
 
     def split(self, images, samples, binarize_masks=True, mask_threshold=0.5):
         node = self.DISPLAY_NAME
+        require_finite(node, mask_threshold=mask_threshold)
         info = inference.layered_latent_info(samples, node, "samples")
         n = int(info["num_foregrounds"])
         if images.shape[0] != samples["samples"].shape[0]:

@@ -1,4 +1,4 @@
-"""Nodes: empty layered latent and the SMG KSampler."""
+"""Nodes: empty layered latent, the SMG KSampler and self-mask guidance as a model patch for any sampler."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +6,7 @@ import torch
 from ..layerdiff_model.errors import LayoutError
 from ..layerdiff_model.slots import check_foreground_count, num_slots
 from .host import inference
+from .input_checks import require_finite
 
 CATEGORY = "LayerDiff/sampling"
 MAX_RESOLUTION = 8192
@@ -75,6 +76,8 @@ class LayerDiffSMGSampler:
         import nodes as comfy_nodes
 
         node = self.DISPLAY_NAME
+        require_finite(node, cfg=cfg, denoise=denoise, smg_scale=smg_scale, smg_start_percent=smg_start_percent,
+                       smg_blur_sigma=smg_blur_sigma)
         info = inference.layered_latent_info(latent_image, node)
         n = int(info["num_foregrounds"])
         state = inference.patch_state(model, node)
@@ -94,3 +97,32 @@ class LayerDiffSMGSampler:
         out = dict(out)
         out[inference.LATENT_KEY] = dict(info, layer_names=list(names))
         return (out,)
+
+
+class LayerDiffSelfMaskGuidance:
+    DISPLAY_NAME = "LayerDiff Self-Mask Guidance"
+    DESCRIPTION = ("Adds LayerDiff's self-mask guidance (SMG) to a LayerDiff-patched model, like the core "
+                   "Self-Attention Guidance node: use it with KSampler, KSamplerAdvanced, SamplerCustom or "
+                   "SamplerCustomAdvanced on a layered latent. Scale 0 is plain CFG (exactly).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A model patched by 'LayerDiff Apply'."}),
+            "scale": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip":
+                "Self-mask guidance strength. 0 = plain CFG (exactly)."}),
+            "start_percent": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                "Warm-up: SMG starts after this fraction of the noise schedule, once masks have formed."}),
+            "blur_sigma": ("FLOAT", {"default": 2.0, "min": 0.1, "max": 10.0, "step": 0.1, "tooltip":
+                "Blur (in latent pixels) applied to each foreground inside its own predicted mask."}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with self-mask guidance: connect it to any sampler with layered conditioning.",)
+    FUNCTION = "patch"
+    CATEGORY = CATEGORY
+
+    def patch(self, model, scale=0.5, start_percent=0.2, blur_sigma=2.0):
+        node = self.DISPLAY_NAME
+        require_finite(node, scale=scale, start_percent=start_percent, blur_sigma=blur_sigma)
+        return (inference.with_self_mask_guidance(model, scale, start_percent, blur_sigma, node),)

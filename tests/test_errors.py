@@ -45,7 +45,9 @@ def test_weights_for_another_width_are_refused(tiny, errors):
                                        for s in config.sites))
     name = save_tiny_weights("wider.safetensors", a.build_modules(wider))
     modules = node("LayerDiffLoadWeights").load(name)[0]
-    with pytest.raises(errors.WeightsFileError, match=r"LayerDiff Apply.*another UNet.*width 64, UNet width 32"):
+    with pytest.raises(errors.WeightsFileError,
+                       match=r"LayerDiff Apply.*: the LayerDiff weights 'wider.safetensors' were made for another UNet"
+                             r".*width 64, UNet width 32"):
         node("LayerDiffApply").apply(model, modules)
     _assert_unpatched(model)
 

@@ -120,10 +120,39 @@ def test_token_repetition_leaves_attention_unchanged():
     b = multi_head_attention(q, k.repeat(1, 3, 1), v.repeat(1, 3, 1), 4)
     assert torch.allclose(a, b, atol=1e-5)
     embeds = (torch.randn(1, 77, 8), torch.randn(1, 154, 8))
-    assert stack_layer_embeds(embeds).shape == (2, 154, 8)
+    stacked = stack_layer_embeds(embeds)
+    assert stacked.shape == (2, 154, 9)  # 8 channels + the token validity
+    assert torch.equal(stacked[0, :, :8], embeds[0].repeat(1, 2, 1)[0]) and bool((stacked[..., 8] == 1).all())
     rows = slot_context_rows(LayerPrompts(("bg", "fg"), embeds))
-    assert rows.shape == (3, 154, 8)
+    assert rows.shape == (3, 154, 9)
     assert torch.equal(rows[1], rows[2])  # the mask slot reads its foreground's prompt
+
+
+def test_layer_prompt_lengths_cost_linear_memory_and_padding_is_masked_exactly():
+    """Prompts of 1, 5, 7, 8 and 9 CLIP windows: their lcm is 2,520 windows (194,040 tokens per row); the layer
+    context is now as long as the longest prompt, and each row's attention equals attention over its own tokens."""
+    split_token_validity = product_names("layerdiff_model.sampling.conditioning", "split_token_validity")
+    IntraLayerCrossAttention = product_names("layerdiff_model.modules.attention", "IntraLayerCrossAttention")
+    g = torch.Generator().manual_seed(0)
+    windows = (1, 5, 7, 8, 9)
+    embeds = tuple(torch.randn(1, 77 * w, 16, generator=g) for w in windows)
+    stacked = stack_layer_embeds(embeds)
+    assert stacked.shape == (5, 77 * 9, 17)  # was [5, 194040, 16]: 280x smaller here
+    tokens, valid = split_token_validity(stacked)
+    # 1 window divides 9: repeated (all tokens valid); 5, 7 and 8 windows are zero-padded and masked
+    assert valid is not None and valid.sum(dim=1).tolist() == [693, 385, 539, 616, 693]
+    torch.manual_seed(1)
+    attn = IntraLayerCrossAttention(32, 4, 16)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(5, 12, 32, generator=g)
+    with torch.no_grad():
+        masked = attn(x, tokens, token_valid=valid)
+        alone = torch.cat([attn(x[i:i + 1], e) for i, e in enumerate(embeds)])
+    torch.testing.assert_close(masked, alone, rtol=1e-5, atol=1e-6)
+    # within ComfyUI's bound (lcm <= 4x the longest) prompts are repeated as before: no padding, no mask
+    repeated = stack_layer_embeds((embeds[0], torch.randn(1, 154, 16), torch.randn(1, 231, 16)))
+    assert repeated.shape[1] == 462 and split_token_validity(repeated)[1] is None
 
 
 def test_weights_round_trip_and_metadata(tmp_path):

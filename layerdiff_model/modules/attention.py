@@ -80,8 +80,12 @@ class IntraLayerCrossAttention(nn.Module):
         self.to_out = operations.Linear(width, width, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, layer_context: torch.Tensor,
-                context_index: torch.Tensor | None = None, kv_store: dict | None = None) -> torch.Tensor:
+                context_index: torch.Tensor | None = None, kv_store: dict | None = None,
+                token_valid: torch.Tensor | None = None) -> torch.Tensor:
         """x [(b s), n, c], layer_context [(b s), t, d] -> residual [(b s), n, c].
+
+        ``token_valid`` (bool, one row per ``layer_context`` row, [*, t]) masks padding tokens out of the
+        attention; None = every token is a prompt token.
 
         With ``context_index`` [(b s)], ``layer_context`` holds only the distinct rows [U, t, d] and row r reads
         ``layer_context[context_index[r]]``: keys/values are projected once per distinct prompt (a batch repeats
@@ -102,7 +106,12 @@ class IntraLayerCrossAttention(nn.Module):
                 kv_store[self] = (stamp, (k, v))
         if context_index is not None:
             k, v = k[context_index], v[context_index]
-        out = multi_head_attention(self.to_q(h), k, v, self.heads)
+            token_valid = token_valid[context_index] if token_valid is not None else None
+        bias = None
+        if token_valid is not None:  # [(b s), t] -> additive [(b s), 1, 1, t]: 0 for tokens, -inf for padding
+            bias = torch.zeros(token_valid.shape, dtype=h.dtype, device=h.device)
+            bias = bias.masked_fill(~token_valid.to(h.device), float("-inf"))[:, None, None, :]
+        out = multi_head_attention(self.to_q(h), k, v, self.heads, bias)
         return self.to_out(out)
 
 
@@ -141,13 +150,14 @@ class LayerCollaborativeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, roles: torch.Tensor, slots: int, layer_context: torch.Tensor,
                 inter: bool = True, intra: bool = True, context_index: torch.Tensor | None = None,
-                kv_store: dict | None = None) -> torch.Tensor:
+                kv_store: dict | None = None, token_valid: torch.Tensor | None = None) -> torch.Tensor:
         """x [(b s), n, c] -> residual delta [(b s), n, c] (0 for disabled branches).
 
-        ``layer_context`` is [(b s), t, d], or the distinct rows [U, t, d] with ``context_index`` [(b s)]."""
+        ``layer_context`` is [(b s), t, d], or the distinct rows [U, t, d] with ``context_index`` [(b s)];
+        ``token_valid`` [same rows, t] marks prompt tokens (None: all)."""
         delta = torch.zeros_like(x) if self.role is None else self.role(x, roles)
         if self.inter is not None and inter:
             delta = delta + self.inter(x, roles, slots)
         if self.intra is not None and intra:
-            delta = delta + self.intra(x + delta, layer_context, context_index, kv_store)
+            delta = delta + self.intra(x + delta, layer_context, context_index, kv_store, token_valid)
         return delta

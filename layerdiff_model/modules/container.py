@@ -22,6 +22,7 @@ class LayerDiffModules(nn.Module):
     def __init__(self, config: LayerDiffConfig, dtype=None, device=None, operations=nn):
         super().__init__()
         self.config = config
+        self.source_name = ""  # the weights file these were loaded from (set by weights.load_modules), for errors
         roles = num_roles(config.max_foregrounds)
         self.blocks = nn.ModuleDict({
             site.name: LayerCollaborativeBlock(site.width, site.heads, config.context_dim, roles,

@@ -90,6 +90,7 @@ def load_modules(path: str | os.PathLike, device: str | torch.device = "cpu", op
         ) from exc
     modules = LayerDiffModules(config, device=device, operations=operations)
     load_state_strict(modules, state, path.name)
+    modules.source_name = path.name
     return modules
 
 

@@ -28,7 +28,8 @@ import comfy.ops
 import comfy.supported_models
 from comfy.ldm.modules.attention import SpatialTransformer
 
-from ...layerdiff_model.sampling.conditioning import LayerPrompts, distinct_rows, slot_context_rows
+from ...layerdiff_model.sampling.conditioning import (LayerPrompts, distinct_rows, slot_context_rows,
+                                                       split_token_validity)
 from ...layerdiff_model.modules.config import SD15_CONTEXT_DIM, LayerDiffConfig, Site
 from ...layerdiff_model.errors import LayerDiffError, LayoutError, ModelFamilyError, WeightsFileError
 from ...layerdiff_model.modules.container import LayerDiffModules
@@ -45,6 +46,7 @@ LAYERS_KEY = "layerdiff_layers"
 PATCH_KEY = "layerdiff_patch"
 RUN_KEY = "layerdiff_run"
 STASH_KEY = "layerdiff_x"
+CONTEXT_WINDOW_KEY = "context_window"  # set by ComfyUI 0.3.x's context-window handler while it runs a window
 WEIGHTS_FOLDER = "layerdiff"
 
 
@@ -104,8 +106,9 @@ def check_weights_fit(modules: LayerDiffModules, model, node: str) -> None:
     if config.context_dim != unet_context_dim(model):
         problems.append(f"text context {config.context_dim} vs UNet {unet_context_dim(model)}")
     if problems:
+        which = f"the LayerDiff weights '{modules.source_name}'" if modules.source_name else "these LayerDiff weights"
         raise WeightsFileError(
-            f"{node}: these LayerDiff weights were made for another UNet ({'; '.join(problems[:3])}). "
+            f"{node}: {which} were made for another UNet ({'; '.join(problems[:3])}). "
             "Use weights trained for this SD1.5 architecture."
         )
 
@@ -196,20 +199,21 @@ class InjectLayerAttention(_PatchCallable):
         self.state.ensure_device(n.device)
         module = self.state.modules.site_module(site)
         delta = module(x + n, run.roles, run.slots, run.context, inter=self.state.inter, intra=self.state.intra,
-                       context_index=run.context_index, kv_store=run.kv_store)
+                       context_index=run.context_index, kv_store=run.kv_store, token_valid=run.token_valid)
         run.fired.add(key)
         return n + delta
 
 
 @dataclass
 class LayerRun:
-    """Per UNet call: row roles [R], slots per sample, the distinct layer context rows [U, T, d] and which one
-    each row reads [R], sites that fired."""
+    """Per UNet call: row roles [R], slots per sample, the distinct layer context rows [U, T, d], which one
+    each row reads [R], their token validity [U, T] (None: no padding), sites that fired."""
 
     roles: torch.Tensor
     slots: int
     context: torch.Tensor
     context_index: torch.Tensor
+    token_valid: torch.Tensor | None = None
     kv_store: dict | None = None
     fired: set = field(default_factory=set)
 
@@ -222,6 +226,12 @@ class LayeredApplyModel(_PatchCallable):
         self.inner = inner
 
     def __call__(self, x, t, *args, transformer_options=None, **kwargs):
+        if (transformer_options or {}).get(CONTEXT_WINDOW_KEY) is not None:
+            raise LayoutError(
+                "LayerDiff: ComfyUI's context windows (e.g. the 'Context Windows (Manual)' node) run the batch in "
+                "windows of rows, which cut layered samples apart and shift their slots; LayerDiff generates all "
+                "layers of a sample together. Remove the context-window node from this model."
+            )
         context = kwargs.pop(CONTEXT_COND, None)
         slot_info = kwargs.pop(SLOTS_COND, None)
         if context is None or slot_info is None:
@@ -235,8 +245,9 @@ class LayeredApplyModel(_PatchCallable):
             raise LayoutError(f"LayerDiff: {x.shape[0]} latent rows but {slot_info.shape[0]} layer rows.")
         roles = roles_for_rows(slot_info, self.state.modules.config.max_foregrounds).to(x.device)
         distinct, index = distinct_rows(context)
-        run = LayerRun(roles=roles, slots=slots, context=distinct, context_index=index.to(x.device),
-                       kv_store=self.state.prompt_kv.lookup(distinct, x.dtype))
+        tokens, valid = split_token_validity(distinct)
+        run = LayerRun(roles=roles, slots=slots, context=tokens, context_index=index.to(x.device),
+                       token_valid=valid, kv_store=self.state.prompt_kv.lookup(distinct, x.dtype))
         options = dict(transformer_options or {})
         options[RUN_KEY] = run
         out = self.inner(x, t, *args, transformer_options=options, **kwargs)
@@ -298,7 +309,7 @@ def encode_text(clip, text: str):
 
 def layered_entry(global_cond, extra: dict, layers: LayerPrompts) -> list:
     """One CONDITIONING entry with the layer prompts attached as model conds."""
-    rows = slot_context_rows(layers)  # [S, T, d]
+    rows = slot_context_rows(layers)  # [S, T, d + 1]: the last channel is the token validity
     model_conds = dict(extra.get("model_conds", {}))
     model_conds[CONTEXT_COND] = comfy.conds.CONDCrossAttn(rows)
     model_conds[SLOTS_COND] = comfy.conds.CONDRegular(slot_info_table(layers.num_foregrounds))

@@ -1,6 +1,7 @@
 """ComfyUI node classes of ComfyUI-LayerDiff (thin: check inputs, call the host adapter, return)."""
 from .host import inference
 from .nodes_conditioning import LayerDiffEnhancePrompts, LayerDiffPromptEncode
+from .nodes_layer_input import LayerDiffEncodeLayers, LayerDiffLoadLayeredFile
 from .nodes_layers import LayerDiffComposeLayers, LayerDiffSaveLayers, LayerDiffSplitLayers
 from .nodes_model import LayerDiffApply, LayerDiffLoadWeights
 from .nodes_sampling import LayerDiffEmptyLatent, LayerDiffSelfMaskGuidance, LayerDiffSMGSampler
@@ -17,6 +18,8 @@ _NODES = (
     LayerDiffSplitLayers,
     LayerDiffComposeLayers,
     LayerDiffSaveLayers,
+    LayerDiffEncodeLayers,
+    LayerDiffLoadLayeredFile,
 )
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in _NODES}

@@ -155,3 +155,22 @@ def layers_to_slot_images(layers: LayeredImages) -> torch.Tensor:
     dtype = layers.foregrounds.dtype
     masks_rgb = layers.masks.to(dtype).unsqueeze(-1).expand(*layers.masks.shape, 3)  # [B, N, H, W, 3]
     return pack(layers.background.to(dtype), layers.foregrounds, masks_rgb)  # [B*S, H, W, 3]
+
+
+def layers_from_file_stack(stack_top_first: Sequence[tuple[str, object]]) -> LayeredImages:
+    """The layers of a layered file, ``(name, RGBA uint8 [H, W, 4])`` top first (the bottom one is the background)
+    -> one :class:`LayeredImages` (B = 1): the background's alpha is dropped, each foreground's alpha is its mask."""
+    import numpy as np
+
+    if len(stack_top_first) < 2:
+        raise LayoutError(f"A layered file needs a background and at least one layer above it; this one has "
+                          f"{len(stack_top_first)} layer(s).")
+    arrays = [np.asarray(rgba) for _, rgba in stack_top_first]
+    if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 3 or arrays[0].shape[-1] != 4:
+        raise LayoutError("The file's layers are not RGBA images of one canvas size.")
+    pixels = torch.from_numpy(np.stack(arrays[::-1])).float() / 255.0  # [K, H, W, 4], bottom first
+    background = pixels[0, ..., :3][None]  # [1, H, W, 3]
+    foregrounds = pixels[1:].flip(0)  # [N, H, W, 4], top first
+    names = [str(name) for name, _ in stack_top_first[::-1]]
+    names = [names[0]] + names[1:][::-1]  # background first, then top first
+    return LayeredImages(background, foregrounds[None, ..., :3], foregrounds[None, ..., 3], names)

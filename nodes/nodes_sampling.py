@@ -12,6 +12,18 @@ CATEGORY = "LayerDiff/sampling"
 MAX_RESOLUTION = 8192
 
 
+def smg_inputs(prefix: str) -> dict:
+    """The self-mask guidance widgets (``scale``, ``start_percent``, ``blur_sigma``, with ``prefix``)."""
+    return {
+        f"{prefix}scale": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip":
+            "Self-mask guidance strength. 0 = plain CFG (exactly)."}),
+        f"{prefix}start_percent": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+            "Warm-up: SMG starts after this fraction of the noise schedule, once masks have formed."}),
+        f"{prefix}blur_sigma": ("FLOAT", {"default": 2.0, "min": 0.1, "max": 10.0, "step": 0.1, "tooltip":
+            "Blur (in latent pixels) applied to each foreground inside its own predicted mask."}),
+    }
+
+
 class LayerDiffEmptyLatent:
     DISPLAY_NAME = "LayerDiff Empty Layered Latent"
     DESCRIPTION = ("An empty layered latent: per image one background, N foregrounds and N masks, each an ordinary "
@@ -58,12 +70,7 @@ class LayerDiffSMGSampler:
             "negative": ("CONDITIONING", {"tooltip": "Layered negative conditioning."}),
             "latent_image": ("LATENT", {"tooltip": "A layered latent ('LayerDiff Empty Layered Latent')."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-            "smg_scale": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip":
-                "Self-mask guidance strength. 0 = plain CFG (exactly)."}),
-            "smg_start_percent": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
-                "Warm-up: SMG starts after this fraction of the noise schedule, once masks have formed."}),
-            "smg_blur_sigma": ("FLOAT", {"default": 2.0, "min": 0.1, "max": 10.0, "step": 0.1, "tooltip":
-                "Blur (in latent pixels) applied to each foreground inside its own predicted mask."}),
+            **smg_inputs("smg_"),
         }}
 
     RETURN_TYPES = ("LATENT",)
@@ -109,12 +116,7 @@ class LayerDiffSelfMaskGuidance:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "A model patched by 'LayerDiff Apply'."}),
-            "scale": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 10.0, "step": 0.05, "tooltip":
-                "Self-mask guidance strength. 0 = plain CFG (exactly)."}),
-            "start_percent": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
-                "Warm-up: SMG starts after this fraction of the noise schedule, once masks have formed."}),
-            "blur_sigma": ("FLOAT", {"default": 2.0, "min": 0.1, "max": 10.0, "step": 0.1, "tooltip":
-                "Blur (in latent pixels) applied to each foreground inside its own predicted mask."}),
+            **smg_inputs(""),
         }}
 
     RETURN_TYPES = ("MODEL",)

@@ -57,3 +57,19 @@ def core_node(name: str, **inputs) -> tuple:
     """Run the core ComfyUI node ``name`` (its node id) with keyword inputs; returns its outputs as a tuple
     (classic and 0.3.x V3 nodes alike)."""
     return call_node(name, **inputs)
+
+
+def for_tiny_models(api: dict, weights: str, width: int = 64, height: int = 48, **sampler) -> dict:
+    """Point an API prompt of a shipped workflow at the tiny checkpoint and ``weights`` and shrink it to run in
+    seconds on a CPU; ``sampler`` overrides inputs of the SMG KSampler."""
+    for entry in api.values():
+        inputs = entry["inputs"]
+        if entry["class_type"] == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = comfy_host.ensure_tiny_sd15_checkpoint()
+        elif entry["class_type"] == "LayerDiffLoadWeights":
+            inputs["weights_name"] = weights
+        elif entry["class_type"] == "LayerDiffEmptyLatent":
+            inputs["width"], inputs["height"] = width, height
+        elif entry["class_type"] == "LayerDiffSMGSampler":
+            inputs.update(steps=2, smg_start_percent=0.0, **sampler)
+    return api

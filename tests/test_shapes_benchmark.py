@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 import comfy_host
-from layerdiff_toy import toy_model
 from comfy_headless.product import product_names
+from layerdiff_toy import toy_model
+
+pytestmark = pytest.mark.slow  # the whole benchmark chain (about a minute): bash scripts/test.sh -m slow
 
 SCRIPT = comfy_host.REPO_ROOT / "scripts" / "shapes_benchmark.py"
 DIAGNOSTICS = comfy_host.REPO_ROOT / "scripts" / "denoising_diagnostics.py"

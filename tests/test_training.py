@@ -191,6 +191,7 @@ def torchrun_train(opts: dict, comfy_root: Path, nproc: int = 2) -> subprocess.C
     return subprocess.run(launch + argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_in_sync_and_resume_exactly(tmp_path, checkpoint, layered_data, comfyui):
     """Two processes (torchrun, Gloo): each reads its own share of the batches, gradients are averaged and the
     ranks are checked to hold the same weights at every checkpoint; a run stopped at step 2 and resumed with

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import comfy_host
-from layerdiff_host import save_tiny_weights, tiny_model, tiny_modules
+from layerdiff_host import for_tiny_models, save_tiny_weights, tiny_model, tiny_modules
 
 WORKFLOWS = sorted((comfy_host.REPO_ROOT / "workflows").glob("*.json"))
 
@@ -22,22 +22,6 @@ def tiny_weights(comfyui):
     return save_tiny_weights("tiny_layerdiff.safetensors", tiny_modules(model, random=True, seed=5))
 
 
-def _for_tiny_models(api: dict, weights: str) -> dict:
-    """Point the workflow at the tiny files and shrink it so it runs in seconds on a CPU."""
-    for node in api.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = comfy_host.ensure_tiny_sd15_checkpoint()
-        if node["class_type"] == "LayerDiffLoadWeights":
-            inputs["weights_name"] = weights
-        if node["class_type"] == "LayerDiffEmptyLatent":
-            inputs["width"], inputs["height"] = 64, 48
-        if node["class_type"] == "LayerDiffSMGSampler":
-            inputs["steps"] = 2
-            inputs["smg_start_percent"] = 0.0
-    return api
-
-
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_runs_and_saves_named_layers(path, comfyui, tiny_weights):
     import nodes
@@ -45,7 +29,7 @@ def test_workflow_runs_and_saves_named_layers(path, comfyui, tiny_weights):
     workflow = json.loads(Path(path).read_text(encoding="utf-8"))
     types = {n["type"] for n in workflow["nodes"]}
     assert types <= set(nodes.NODE_CLASS_MAPPINGS), types - set(nodes.NODE_CLASS_MAPPINGS)
-    api = _for_tiny_models(comfy_host.ui_to_api(workflow), tiny_weights)
+    api = for_tiny_models(comfy_host.ui_to_api(workflow), tiny_weights)
     encoder = next(n["inputs"] for n in api.values() if n["class_type"] == "LayerDiffPromptEncode")
     foregrounds = [line for line in encoder["foreground_prompts"].splitlines() if line.strip()]
     run = comfy_host.run_prompt(api)

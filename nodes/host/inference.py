@@ -2,10 +2,10 @@
 weights files. Nodes call it; the training script calls it too, so what is trained is exactly what runs.
 
 How the patch rides on ComfyUI (docs/DESIGN.md 4):
-- layer prompts travel inside the conditioning as two model conds, ``layerdiff_context`` ([S, T, d] context
-  rows) and ``layerdiff_slots`` ([S, 2] slot index and foreground count); ComfyUI tiles both to the batch as
-  ``r % S``, batches them with cond/uncond, repeats token lengths to a common multiple, and hands them to
-  ``apply_model`` as keyword arguments;
+- layer prompts travel inside the conditioning as two model conds, ``layerdiff_context`` ([S, T, d + 1] context
+  rows, the last channel the token validity of padded prompts) and ``layerdiff_slots`` ([S, 2] slot index and
+  foreground count); ComfyUI tiles both to the batch as ``r % S``, batches them with cond/uncond, repeats token
+  lengths to a common multiple, and hands them to ``apply_model`` as keyword arguments;
 - an object patch on ``apply_model`` moves them into a per-call ``transformer_options`` entry (never global
   state), checks the rows are whole samples, and afterwards that every site fired;
 - per transformer block, a ``middle_patch`` stashes the residual stream ``x`` in that block's ``extra_options``
@@ -414,7 +414,7 @@ def with_self_mask_guidance(model, scale: float, start_percent: float, blur_sigm
     return patched
 
 
-# ----------------------------------------------------------------------------------------------- files
+# ----------------------------------------------------------------------------------------------- cond pipeline
 def model_conds_kwargs(model, conds: list, x: torch.Tensor, node: str) -> dict:
     """The sampler's cond pipeline outside the sampler: one conditioning per sample (``conds[i]`` conditions rows
     ``i * rows:(i + 1) * rows`` of ``x``), through ``encode_model_conds`` -> ``process_cond`` -> ``concat``, as
@@ -443,6 +443,7 @@ def apply_model_with_conds(model, x: torch.Tensor, sigma: torch.Tensor, conds: l
     return model.model.apply_model(x, sigma, transformer_options=options, **kwargs)
 
 
+# ----------------------------------------------------------------------------------------------- files
 def register_folders() -> None:
     compat.register_model_folder(WEIGHTS_FOLDER, {".safetensors"})
 

@@ -97,7 +97,8 @@ class LayerDiffLoadLayeredFile:
     def INPUT_TYPES(cls):
         return {"required": {
             "file": (layered_input.input_files(LAYERED_FILE_SUFFIXES), {"image_upload": True, "tooltip":
-                "A .psd or .ora file in ComfyUI's input folder (upload it here)."}),
+                "A .psd or .ora file in ComfyUI's input folder (copy it to ComfyUI/input: the upload picker of "
+                "today's frontend lists PNG, JPEG and WebP only)."}),
         }}
 
     RETURN_TYPES = ("IMAGE", "IMAGE", "MASK", "STRING", "STRING")

@@ -1,6 +1,7 @@
 """Layered images <-> decoded slots <-> composite (layerdiff_model.layers.compose; pure torch, no ComfyUI)."""
 import pytest
 import torch
+
 from comfy_headless.product import product_module, product_names
 
 C = product_module("layerdiff_model.layers.compose")

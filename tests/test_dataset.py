@@ -1,22 +1,22 @@
 """Layered dataset format, validation, shards, torch datasets, bucketing and collation (docs/DESIGN.md 2.1, 2.6)."""
-import sys
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 import io
 import json
 import logging
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from comfy_headless.product import product_module, product_names
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 batching = product_module("layerdiff_model.data.batching")
 layered_sample = product_module("layerdiff_model.data.layered_sample")

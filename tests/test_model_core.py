@@ -1,4 +1,4 @@
-"""Pure unit tests of the host-free model package (no ComfyUI)."""
+"""Unit tests of the model package, which imports no ComfyUI (its modules come from the copy ComfyUI loaded)."""
 import json
 import os
 import subprocess

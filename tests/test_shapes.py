@@ -1,22 +1,22 @@
 """The procedural "shapes" dataset and its evaluation classifiers (docs/DESIGN.md 2.7)."""
-import sys
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
 from comfy_headless.product import product_module, product_names
+from layerdiff_toy import shapes as S
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 layered_sample = product_module("layerdiff_model.data.layered_sample")
 sample_folders = product_module("layerdiff_model.data.sample_files")
 shards = product_module("layerdiff_model.data.shards")
 data_validation = product_module("layerdiff_model.data.validation")
-from layerdiff_toy import shapes as S
 DatasetError = product_names("layerdiff_model.errors", "DatasetError")
 
 

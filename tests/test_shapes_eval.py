@@ -1,4 +1,4 @@
-"""Host-free tests of the shapes benchmark scoring (layerdiff_toy/shapes_eval.py) and the autoencoder trainer."""
+"""Tests of the shapes benchmark scoring (layerdiff_toy/shapes_eval.py) and the autoencoder trainer (pure maths)."""
 from __future__ import annotations
 
 import math
@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from layerdiff_toy import shapes
-from layerdiff_toy import shapes_eval
+from comfy_headless.product import product_names
+from layerdiff_toy import shapes, shapes_eval
 from layerdiff_toy.autoencoder_training import (AutoencoderTrainConfig, evaluate_autoencoder, latent_penalty,
                                                  random_crops, train_autoencoder)
-from comfy_headless.product import product_names
+
 LayeredImages = product_names("layerdiff_model.layers.compose", "LayeredImages")
 
 

@@ -15,11 +15,10 @@ import pytest
 import torch
 
 import comfy_host
-from layerdiff_toy import toy_model
 import layerdiff_host as ld
-from layerdiff_toy import shapes
-from layerdiff_toy.shapes_eval import content_region
 from comfy_headless.product import product_names
+from layerdiff_toy import shapes, toy_model
+from layerdiff_toy.shapes_eval import content_region
 
 SEEDS = tuple(range(8))
 MIN_PASSING = 7  # of SEEDS; measured pass rate of the shipped weights: docs/SHAPES_BENCHMARK.md ("end-to-end test")

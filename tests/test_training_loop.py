@@ -1,4 +1,4 @@
-"""Host-free tests of the training loop (layerdiff_model/training/ and friends) with a small pure-torch model
+"""Tests of the host-free training loop (layerdiff_model/training/ and friends) with a small pure-torch model
 that implements the TrainableModel protocol. The ComfyUI side is covered by tests/test_training.py."""
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+
 from comfy_headless.product import product_module, product_names
+from layerdiff_toy.shapes import ShapesConfig, generate_samples
 
 REPO = Path(__file__).resolve().parents[1]
 
 train_state = product_module("layerdiff_model.training.state")
 write_sample = product_names("layerdiff_model.data.sample_files", "write_sample")
 EMA = product_names("layerdiff_model.training.ema", "EMA")
-from layerdiff_toy.shapes import ShapesConfig, generate_samples
 read_metrics = product_names("layerdiff_model.training.log", "read_metrics")
 Trainer = product_names("layerdiff_model.training.loop", "Trainer")
 TrainConfig, TrainConfigError, as_config, build_parser = product_names(

@@ -116,5 +116,9 @@ class LayerDiffLoadLayeredFile:
 
     @classmethod
     def IS_CHANGED(cls, file):
-        return layered_input.file_fingerprint(layered_input.input_file_path(file, LAYERED_FILE_SUFFIXES,
-                                                                    cls.DISPLAY_NAME, "file"))
+        """The file's content hash, so an edited file re-runs the node; a bad name is reported by ``load``."""
+        try:
+            return layered_input.file_fingerprint(
+                layered_input.input_file_path(file, LAYERED_FILE_SUFFIXES, cls.DISPLAY_NAME, "file"))
+        except Exception as exc:  # noqa: BLE001 - ComfyUI calls this before running; load() raises the clear error
+            return f"unreadable: {exc}"

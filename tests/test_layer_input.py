@@ -117,6 +117,10 @@ def test_a_layered_file_loads_as_layers_and_prompts(comfyui, kind):
         assert torch.equal(foregrounds[i], torch.from_numpy(layer[..., :3]).float() / 255)
         assert torch.equal(masks[i], torch.from_numpy(layer[..., 3]).float() / 255)
     assert bg_prompt == "a wall" and fg_prompts == "a cat\na ball"
+    cls = type(node("LayerDiffLoadLayeredFile"))
+    first = cls.IS_CHANGED(name)
+    _write_layered_file(kind, name, seed=9)  # the file is edited: ComfyUI must run the node again
+    assert cls.IS_CHANGED(name) != first and cls.IS_CHANGED("gone.psd").startswith("unreadable")
 
 
 def test_a_loaded_file_runs_through_comfyui_into_a_layered_latent(tiny):

@@ -30,10 +30,12 @@ class LayerDiffPromptEncode:
                 "Negative prompt used for every layer (empty = unconditional)."}),
         }}
 
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "INT")
-    RETURN_NAMES = ("positive", "negative", "foregrounds")
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "INT", "STRING")
+    RETURN_NAMES = ("positive", "negative", "foregrounds", "layer_names")
     OUTPUT_TOOLTIPS = ("Layered positive conditioning.", "Layered negative conditioning.",
-                       "Number of foreground layers: connect to 'LayerDiff Empty Layered Latent'.")
+                       "Number of foreground layers: connect to 'LayerDiff Empty Layered Latent'.",
+                       "The layer prompts as layer names (background first, one per line): connect to the Empty "
+                       "Layered Latent so the names reach the saved files with any sampler.")
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
@@ -49,7 +51,8 @@ class LayerDiffPromptEncode:
             )
         positive = inference.encode_layered(clip, global_prompt, [background_prompt] + foregrounds)
         negative = inference.encode_layered(clip, negative_prompt, [layer_negative_prompt] * (1 + len(foregrounds)))
-        return (positive, negative, len(foregrounds))
+        names = "\n".join(" ".join(p.split()) for p in [background_prompt] + foregrounds)
+        return (positive, negative, len(foregrounds), names)
 
 
 class LayerDiffEnhancePrompts:

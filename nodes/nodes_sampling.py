@@ -37,18 +37,26 @@ class LayerDiffEmptyLatent:
             "foregrounds": ("INT", {"default": 2, "min": 1, "max": 16, "tooltip":
                 "Number of foreground layers; connect the 'foregrounds' output of the prompt encoder."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Layered images to generate."}),
+        }, "optional": {
+            "layer_names": ("STRING", {"forceInput": True, "tooltip":
+                "Layer names, background first, one per line: connect the prompt encoder's 'layer_names' so any "
+                "sampler's output keeps them (the LayerDiff SMG KSampler sets them itself)."}),
         }}
 
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "generate"
     CATEGORY = CATEGORY
 
-    def generate(self, width, height, foregrounds, batch_size):
+    def generate(self, width, height, foregrounds, batch_size, layer_names=None):
         import comfy.model_management
 
+        names = layer_names.split("\n") if layer_names else None
+        if names is not None and len(names) != foregrounds + 1:
+            raise LayoutError(f"{self.DISPLAY_NAME}: 'layer_names' has {len(names)} lines for a background and "
+                              f"{foregrounds} foregrounds; connect the same prompt encoder to both inputs.")
         rows = batch_size * num_slots(foregrounds)
         samples = torch.zeros([rows, 4, height // 8, width // 8], device=comfy.model_management.intermediate_device())
-        return (inference.make_layered_latent(samples, foregrounds),)
+        return (inference.make_layered_latent(samples, foregrounds, names),)
 
 
 class LayerDiffSMGSampler:

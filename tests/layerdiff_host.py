@@ -39,7 +39,7 @@ def save_tiny_weights(name: str, modules) -> str:
 
 
 def encode(clip, foregrounds, global_prompt="a scene", background="a background", negative="bad"):
-    return node("LayerDiffPromptEncode").encode(clip, global_prompt, background, "\n".join(foregrounds), negative)
+    return node("LayerDiffPromptEncode").encode(clip, global_prompt, background, "\n".join(foregrounds), negative)[:3]
 
 
 def empty_latent(foregrounds: int, batch: int = 1, size: int = 64):

@@ -146,7 +146,7 @@ def _words(count):
 
 
 def _encode(clip, global_prompt, background, foregrounds, negative):
-    return node("LayerDiffPromptEncode").encode(clip, global_prompt, background, "\n".join(foregrounds), negative)
+    return node("LayerDiffPromptEncode").encode(clip, global_prompt, background, "\n".join(foregrounds), negative)[:3]
 
 
 def _counting_unet_calls(model, monkeypatch):

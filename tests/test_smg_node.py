@@ -34,12 +34,30 @@ def guided(patched, scale=SCALE):
     return node("LayerDiffSelfMaskGuidance").patch(patched, scale, 0.0, 2.0)[0]
 
 
-def test_under_ksampler(setup, reference):
+def test_under_ksampler(setup, reference, comfyui):
     patched, pos, neg, latent = setup
     out = core_node("KSampler", model=guided(patched), seed=SEED, steps=STEPS, cfg=CFG, sampler_name="euler",
                     scheduler="normal", positive=pos, negative=neg, latent_image=latent, denoise=1.0)[0]
     assert torch.equal(out["samples"], reference)
     assert out["layerdiff"]["num_foregrounds"] == 2  # the layered latent stays layered
+
+
+def test_layer_names_reach_the_files_through_a_core_sampler(setup):
+    """The prompt encoder's layer names ride on the empty latent, which core samplers copy."""
+    patched, _, _, _ = setup
+    clip = tiny_model()[1]
+    pos, neg, n, names = node("LayerDiffPromptEncode").encode(clip, "a scene", "a  blue\nwall", "a red circle\n"
+                                                              "a green square", "bad")
+    assert names == "a blue wall\na red circle\na green square"
+    latent = node("LayerDiffEmptyLatent").generate(64, 64, n, 1, names)[0]
+    out = core_node("KSampler", model=guided(patched), seed=SEED, steps=2, cfg=CFG, sampler_name="euler",
+                    scheduler="normal", positive=pos, negative=neg, latent_image=latent, denoise=1.0)[0]
+    assert out["layerdiff"]["layer_names"] == ["a blue wall", "a red circle", "a green square"]
+    images = core_node("VAEDecode", vae=tiny_model()[2], samples=out)[0]
+    layers = node("LayerDiffSplitLayers").split(images, out)[0]
+    assert layers.names == ["a blue wall", "a red circle", "a green square"]
+    with pytest.raises(Exception, match="'layer_names' has 2 lines for a background and 2 foregrounds"):
+        node("LayerDiffEmptyLatent").generate(64, 64, 2, 1, "a\nb")
 
 
 def test_under_ksampler_advanced(setup, reference):

@@ -55,8 +55,8 @@ def generate(models, prompt: str, background: str, seed: int):
     model, clip, vae, weights = models
     (modules,) = ld.node("LayerDiffLoadWeights").load(weights)
     (patched,) = ld.node("LayerDiffApply").apply(model, modules)
-    positive, negative, n = ld.node("LayerDiffPromptEncode").encode(clip, f"{prompt} on {background}", background,
-                                                                      prompt, "")
+    positive, negative, n, _ = ld.node("LayerDiffPromptEncode").encode(clip, f"{prompt} on {background}",
+                                                                         background, prompt, "")
     positive, negative = ld.node("LayerDiffEnhancePrompts").enhance(modules, positive, negative)
     latent = ld.empty_latent(n, size=64)
     _, out = ld.sample(patched, positive, negative, latent, steps=STEPS, cfg=5.0, smg_scale=0.0, seed=seed)

@@ -168,9 +168,6 @@ def layers_from_file_stack(stack_top_first: Sequence[tuple[str, object]]) -> Lay
     arrays = [np.asarray(rgba) for _, rgba in stack_top_first]
     if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 3 or arrays[0].shape[-1] != 4:
         raise LayoutError("The file's layers are not RGBA images of one canvas size.")
-    pixels = torch.from_numpy(np.stack(arrays[::-1])).float() / 255.0  # [K, H, W, 4], bottom first
-    background = pixels[0, ..., :3][None]  # [1, H, W, 3]
-    foregrounds = pixels[1:].flip(0)  # [N, H, W, 4], top first
-    names = [str(name) for name, _ in stack_top_first[::-1]]
-    names = [names[0]] + names[1:][::-1]  # background first, then top first
-    return LayeredImages(background, foregrounds[None, ..., :3], foregrounds[None, ..., 3], names)
+    pixels = torch.from_numpy(np.stack(arrays)).float() / 255.0  # [K, H, W, 4], top first, background last
+    names = [str(name) for name, _ in stack_top_first]
+    return layers_from_rgba(pixels[-1:], pixels[None, :-1], [names[-1]] + names[:-1])

@@ -272,8 +272,6 @@ def as_config(args_or_config: Any) -> TrainConfig:
     """A TrainConfig from a TrainConfig, a mapping of options, an argparse Namespace, or an argv list."""
     if isinstance(args_or_config, TrainConfig):
         return validate(args_or_config)
-    if dataclasses.is_dataclass(args_or_config) and not isinstance(args_or_config, type):  # another import's copy
-        return validate(TrainConfig.from_dict(dataclasses.asdict(args_or_config)))
     if isinstance(args_or_config, argparse.Namespace):
         return validate(TrainConfig.from_dict(vars(args_or_config)))
     if isinstance(args_or_config, Mapping):

@@ -46,7 +46,9 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "ring")
 TEXTURES: tuple[str, ...] = ("plain", "striped", "checkered", "dotted")
 FOREGROUND_FILL = 0.5  # grey outside the shape in a foreground layer
 RING_INNER = 0.5  # inner / outer radius of a ring
-_SPLIT_STREAMS = {"all": 0, "train": 1, "test": 2}  # one random stream per split: same seed, unrelated samples
+# One random stream per split: the same seed gives unrelated samples. "val" is the held-out seed range of the
+# held-out pairs: the test pairs in other layouts, for every tuning decision (the test split is scored once per run).
+_SPLIT_STREAMS = {"all": 0, "train": 1, "test": 2, "val": 3}
 
 
 def shade(colour: str) -> tuple[int, int, int]:
@@ -71,6 +73,62 @@ def global_prompt(foregrounds: Sequence[tuple[str, str]], colour: str, texture: 
     names = [shape_prompt(c, s) for c, s in foregrounds]
     things = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return f"{things} on {background_prompt(colour, texture)}"
+
+
+def vocabulary() -> tuple[str, ...]:
+    """Every word a shapes prompt can contain (the toy model's random, frozen text encoder knows no other)."""
+    return ("a", "an", *COLOURS, *SHAPES, *TEXTURES, "background", "and", "on")
+
+
+def unknown_words(prompt: str) -> list[str]:
+    """Words of ``prompt`` that no shapes prompt contains, in order of appearance (case and commas ignored)."""
+    known, seen = set(vocabulary()), []
+    for word in prompt.lower().replace(",", " ").split():
+        if word not in known and word not in seen:
+            seen.append(word)
+    return seen
+
+
+def _words(prompt: str) -> list[str]:
+    return prompt.lower().replace(",", " ").split()
+
+
+def _parse_thing(words: list[str]) -> bool:
+    return len(words) == 3 and words[0] in ("a", "an") and words[1] in COLOURS and words[2] in SHAPES
+
+
+def _parse_background(words: list[str]) -> bool:
+    return (len(words) == 4 and words[0] == "a" and words[1] == "plain" and words[2] in COLOURS
+            and words[3] == "background") or (len(words) == 4 and words[0] in ("a", "an") and words[1] in COLOURS
+                                              and words[2] in TEXTURES[1:] and words[3] == "background")
+
+
+def prompt_problem(prompt: str, kind: str) -> str | None:
+    """Why the toy model cannot read ``prompt`` as a ``kind`` ("foreground", "background" or "global") prompt, or
+    None. The toy's text encoder is random and frozen, so it knows only the dataset's words *and* phrasing: "a green
+    background" is all known words, but the trained form is "a plain green background"."""
+    words = unknown_words(prompt)
+    if words:
+        return f"words it never saw: {' '.join(words)}"
+    tokens = _words(prompt)
+    if kind == "foreground":
+        ok, form = _parse_thing(tokens), shape_prompt("red", "circle")
+    elif kind == "background":
+        ok, form = _parse_background(tokens), background_prompt("green", "plain")
+    else:
+        ok, form = False, global_prompt([("red", "circle"), ("blue", "square")], "green", "plain")
+        if "on" in tokens:
+            cut = len(tokens) - 1 - tokens[::-1].index("on")
+            things, parts, current = tokens[:cut], [], []
+            for word in things:
+                if word == "and" or (word in ("a", "an") and current):
+                    parts.append(current)
+                    current = [] if word == "and" else [word]
+                else:
+                    current.append(word)
+            parts.append(current)
+            ok = all(_parse_thing(p) for p in parts if p) and _parse_background(tokens[cut + 1:])
+    return None if ok else f"phrasing it was never trained on (trained form: \"{form}\")"
 
 
 def all_combinations(colours: Sequence[str] = tuple(COLOURS), shapes: Sequence[str] = SHAPES
@@ -98,18 +156,18 @@ def held_out_combinations(seed: int = 0, colours: Sequence[str] = tuple(COLOURS)
 
 
 def split_combinations(split: str, seed: int = 0) -> list[tuple[str, str]]:
-    """Foreground pairs allowed in a split: "train", "test" (held out) or "all"."""
+    """Foreground pairs allowed in a split: "train", "test" and "val" (both the held-out pairs) or "all"."""
     if split == "all":
         return all_combinations()
-    if split not in ("train", "test"):
-        raise DatasetError(f"Unknown split {split!r}: expected 'train', 'test' or 'all'.")
+    if split not in ("train", "test", "val"):
+        raise DatasetError(f"Unknown split {split!r}: expected 'train', 'val', 'test' or 'all'.")
     train, test = held_out_combinations(seed)
     return train if split == "train" else test
 
 
 def config_for_split(split: str, size: int = 64, min_foregrounds: int = 1, max_foregrounds: int = 3,
                      split_seed: int = 0) -> "ShapesConfig":
-    """Generator settings for "train" (seen pairs), "test" (held-out pairs) or "all"."""
+    """Generator settings for "train" (seen pairs), "val" / "test" (held-out pairs, separate streams) or "all"."""
     combos = tuple(split_combinations(split, split_seed))
     return ShapesConfig(size=size, min_foregrounds=min_foregrounds, max_foregrounds=max_foregrounds,
                         combos=combos, split=split)

@@ -12,9 +12,13 @@ layerdiff_toy/shapes_eval.py. Each --run names weights and guidance:
     --run full+sag=runs/full.safetensors,guidance=sag     ComfyUI's Self-Attention Guidance node + CFG
     --run untrained=zero                                  zero-initialised modules (= the base model in every slot)
     --run no-inter=runs/no_inter.safetensors              (the weights' own config switches branches off)
+    --run smg1=runs/full.safetensors,guidance=smg,smg_scale=1,count=24   per-run scale and sample count
 
 Every run uses the same seeds per sample. Also reported: the scorer on the dataset's own layers ("ground truth")
-and the chance level.
+and the chance level; with --vae-ceiling the true layers after a VAE round trip (the only row with known layouts,
+hence the only one with a true-mask IoU); with --baseline NAME every run's paired difference from that run.
+Colours are named with the palette the VAE decodes (measured on --calibration-data, the validation split, never
+on the scored samples), or the nominal palette without it.
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ from comfy_headless.product import product_module, product_names  # noqa: E402
 
 LOG = logging.getLogger("evaluate_shapes")
 GUIDANCE = ("cfg", "smg", "sag")
+RUN_KEYS = {"guidance": str, "smg_scale": float, "sag_scale": float, "count": int, "max_foregrounds": int,
+            "enhancer_width": int}
 
 
 def parse_run(text: str) -> dict:
@@ -46,7 +52,12 @@ def parse_run(text: str) -> dict:
     run = {"name": name, "weights": parts[0], "guidance": "cfg"}
     for part in parts[1:]:
         key, _, value = part.partition("=")
-        run[key] = value
+        if key not in RUN_KEYS:
+            raise argparse.ArgumentTypeError(f"bad --run {text!r}: unknown key {key!r} (keys: {', '.join(RUN_KEYS)})")
+        try:
+            run[key] = RUN_KEYS[key](value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad --run {text!r}: {key} needs a {RUN_KEYS[key].__name__}") from None
     if not name or not run["weights"] or run["guidance"] not in GUIDANCE:
         raise argparse.ArgumentTypeError(f"bad --run {text!r}: NAME=WEIGHTS|zero[,guidance=cfg|smg|sag]")
     return run
@@ -69,6 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sag-scale", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=1000, help="sample i uses seed + i in every run")
     p.add_argument("--out", required=True, type=Path, help="JSON results (a .md table is written next to it)")
+    p.add_argument("--calibration-data", type=Path,
+                   help="shapes dataset (the validation split) whose true layers, through the VAE, set the decoded "
+                        "colour palette used to name colours")
+    p.add_argument("--calibration-count", type=int, default=32)
+    p.add_argument("--baseline", help="run NAME: report every other run's paired difference from it")
     p.add_argument("--vae-ceiling", action="store_true",
                    help="also score the true layers after a VAE encode/decode round trip (what a perfect "
                         "diffusion model could reach with this VAE)")
@@ -111,9 +127,10 @@ def sample_one(run: dict, node: NodeRunner, vae, cond: tuple, num_fg: int, seed:
     (latent,) = node("LayerDiffEmptyLatent", width=64, height=64, foregrounds=num_fg, batch_size=1)
     model, smg = run["model"], 0.0
     if run["guidance"] == "sag":
-        (model,) = node("SelfAttentionGuidance", model=model, scale=args.sag_scale, blur_sigma=2.0)
+        (model,) = node("SelfAttentionGuidance", model=model, scale=run.get("sag_scale", args.sag_scale),
+                        blur_sigma=2.0)
     elif run["guidance"] == "smg":
-        smg = args.smg_scale
+        smg = run.get("smg_scale", args.smg_scale)
     (samples,) = node("LayerDiffSMGSampler", model=model, seed=seed, steps=args.steps, cfg=args.cfg,
                       sampler_name=args.sampler, scheduler=args.scheduler, positive=positive, negative=negative,
                       latent_image=latent, denoise=1.0, smg_scale=smg, smg_start_percent=args.smg_start)
@@ -169,27 +186,37 @@ def main(argv=None) -> int:
     with torch.no_grad():  # 2024 ComfyUI builds the CLIP with in-place copies into parameters
         model, clip, vae = node("CheckpointLoaderSimple", ckpt_name=node.install("checkpoints", args.checkpoint))[:3]
     runs = [build_run(run, node, model) for run in args.runs]
+    palette = shapes_eval.NOMINAL
+    if args.calibration_data:
+        calibration = [read_sample(f) for f in list_sample_folders(args.calibration_data)[:args.calibration_count]]
+        with torch.no_grad():
+            trips = [(vae_round_trip(node, vae, layers, len(s.foreground_prompts)), truth)
+                     for s in calibration for layers, truth in [shapes_eval.truth_layers(s)]]
+        palette = shapes_eval.decoded_palette(trips, source=f"decoded, {len(trips)} samples of {args.calibration_data}")
+        LOG.info("decoded palette: %s", palette.as_dict())
     samples = [read_sample(f) for f in list_sample_folders(args.data)[:args.count]]
     truth_scores, vae_scores, truths, sheets = [], [], [], {run["name"]: [] for run in runs}
     for i, sample in enumerate(samples):
         layers, truth = shapes_eval.truth_layers(sample)
         truths.append(truth)
-        truth_scores.append(shapes_eval.score_sample(layers, 0, truth))
+        truth_scores.append(shapes_eval.score_sample(layers, 0, truth, layout_is_true=True))
         if args.vae_ceiling:
             with torch.no_grad():
                 round_trip = vae_round_trip(node, vae, layers, len(sample.foreground_prompts))
-            vae_scores.append(shapes_eval.score_sample(round_trip, 0, truth))
+            vae_scores.append(shapes_eval.score_sample(round_trip, 0, truth, palette, layout_is_true=True))
             if i < args.save_images:
                 sheets.setdefault("ground truth through the VAE", []).append(round_trip)
         cond = node("LayerDiffPromptEncode", clip=clip, global_prompt=sample.global_prompt,
                     background_prompt=sample.background_prompt,
                     foreground_prompts="\n".join(sample.foreground_prompts), negative_prompt="")
         for run in runs:
+            if i >= run.get("count", len(samples)):
+                continue
             t = time.time()
             with torch.no_grad():
                 generated = sample_one(run, node, vae, cond, len(sample.foreground_prompts), args.seed + i, args)
             run["seconds"] += time.time() - t
-            run["scores"].append(shapes_eval.score_sample(generated, 0, truth))
+            run["scores"].append(shapes_eval.score_sample(generated, 0, truth, palette))
             if i < args.save_images:
                 sheets[run["name"]].append(generated)
         if (i + 1) % 8 == 0:
@@ -200,15 +227,30 @@ def main(argv=None) -> int:
     times = {}
     for run in runs:
         rows[run["name"]] = shapes_eval.summarize(run["scores"])
-        times[run["name"]] = f"{run['seconds'] / max(1, len(samples)):.2f} s/sample"
+        times[run["name"]] = f"{run['seconds'] / max(1, len(run['scores'])):.2f} s/sample"
+    paired = {}
+    if args.baseline:
+        base = next((r for r in runs if r["name"] == args.baseline), None)
+        if base is None:
+            raise SystemExit(f"--baseline {args.baseline!r} is not a --run name ({[r['name'] for r in runs]})")
+        paired = {r["name"]: {m: shapes_eval.paired_difference(r["scores"], base["scores"], m)
+                              for m in ("composite_acc", "fg_colour_acc")} for r in runs if r is not base}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "runs"},
               "runs": [{k: v for k, v in run.items() if k not in ("modules", "model", "scores")} for run in runs],
-              "summary": rows, "seconds_per_sample": {r["name"]: r["seconds"] / max(1, len(samples)) for r in runs},
+              "palette": palette.as_dict(), "summary": rows, "paired_vs_baseline": paired,
+              "seconds_per_sample": {r["name"]: r["seconds"] / max(1, len(r["scores"])) for r in runs},
               "per_sample": {r["name"]: [shapes_eval.score_dict(s) for s in r["scores"]] for r in runs},
               "seconds": round(time.time() - began, 1)}
     args.out.write_text(json.dumps(result, indent=1, default=str))
-    table = shapes_eval.markdown_table(rows, times)
+    table = shapes_eval.markdown_table(rows, times) + "\n\nLayer colour per prompt colour (right/layers):\n\n" + \
+        shapes_eval.per_colour_table(rows)
+    if paired:
+        table += f"\n\nPaired difference from {args.baseline} (same prompts and seeds; mean +- standard error):\n\n" + \
+            "\n".join(f"- {name}: composite {d['composite_acc']['mean']:+.3f} +- {d['composite_acc']['se']:.3f} "
+                      f"({d['composite_acc']['n']} samples), layer colour {d['fg_colour_acc']['mean']:+.3f} +- "
+                      f"{d['fg_colour_acc']['se']:.3f} ({d['fg_colour_acc']['n']} layers)"
+                      for name, d in paired.items())
     args.out.with_suffix(".md").write_text(table + "\n")
     for name, layers in sheets.items():
         if layers:

@@ -36,8 +36,9 @@ WORKFLOWS = REPO_ROOT / "workflows"
 TOY_CACHE = REPO_ROOT / ".cache" / "toy_shapes"
 FILE_PREFIX = "layerdiff"
 
-DEFAULT_PROMPT = "a red circle and a blue square on a green background"
-DEFAULT_BACKGROUND = "a green background"
+# In the toy shapes model's vocabulary (layerdiff_toy/shapes.py: vocabulary()), pairs it was trained on.
+DEFAULT_PROMPT = "a red circle and a blue square on a plain green background"
+DEFAULT_BACKGROUND = "a plain green background"
 DEFAULT_FOREGROUNDS = ("a red circle", "a blue square")
 # The toy shapes model is trained on small images; real checkpoints keep the workflow's settings (512 px, 25 steps).
 TOY_SIZE = 64
@@ -196,6 +197,21 @@ def expose_model(folder: str, path: Path) -> str:
     return expose_model_file(folder, path)
 
 
+def warn_unknown_toy_words(args: argparse.Namespace) -> None:
+    """One line when a prompt has words or phrasing the toy model never saw (its text encoder is random and frozen,
+    so it reads nothing else), listing the words it knows."""
+    from layerdiff_toy import shapes
+
+    prompts_by_flag = {"--prompt": (args.prompt, "global"), "--background": (args.background, "background"),
+                       **{f"--foreground {i + 1}": (p, "foreground") for i, p in enumerate(args.foregrounds)}}
+    problems = {flag: problem for flag, (text, kind) in prompts_by_flag.items()
+                if (problem := shapes.prompt_problem(text, kind))}
+    if problems:
+        where = "; ".join(f"{flag}: {problem}" for flag, problem in problems.items())
+        progress(f"warning: the toy model cannot read these prompts ({where}); it knows only the words "
+                 f"{' '.join(shapes.vocabulary())}")
+
+
 # ------------------------------------------------------------------------------------------------- the prompt
 def workflow_path(args: argparse.Namespace) -> Path:
     if args.workflow is not None:
@@ -291,6 +307,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             raise RunError(f"--checkpoint {checkpoint}: {problem}; {CHECKPOINT_HINT}")
         if toy:  # ComfyUI's model detection knows SD1.5 at width 320 only
             toy_model.register_toy_sd15()
+            warn_unknown_toy_words(args)
         api = build_prompt(args, expose_model("checkpoints", checkpoint), expose_model("layerdiff", weights), toy)
         progress(f"running {workflow_path(args).name}: {len(args.foregrounds)} foreground layer(s), "
                  f"checkpoint {checkpoint.name}, weights {weights.name}")

@@ -3,6 +3,7 @@
 
 Examples (from the repository root):
     python scripts/make_shapes_dataset.py --out data/shapes-train --count 20000 --split train
+    python scripts/make_shapes_dataset.py --out data/shapes-val --count 500 --split val --seed 1
     python scripts/make_shapes_dataset.py --out data/shapes-test --count 500 --split test --seed 1
     python scripts/make_shapes_dataset.py --out data/shapes-shards --count 100000 --format shards
 """
@@ -50,9 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="random seed; sample i depends only on seed, split, i")
     parser.add_argument("--format", choices=("folder", "shards"), default="folder",
                         help="'folder': <out>/<index>/sample.json + PNGs; 'shards': WebDataset .tar shards")
-    parser.add_argument("--split", choices=("train", "test", "all"), default="train",
-                        help="which (colour, shape) pairs the foregrounds use: seen (train), held out (test), "
-                             "or every pair (all)")
+    parser.add_argument("--split", choices=("train", "val", "test", "all"), default="train",
+                        help="which (colour, shape) pairs the foregrounds use: seen (train), held out (test, and "
+                             "val: the same held-out pairs from a separate random stream, for tuning), or every "
+                             "pair (all)")
     parser.add_argument("--split-seed", type=int, default=0,
                         help="seed of the train/test split of (colour, shape) pairs; keep it equal for the train "
                              "and test sets of one experiment")

@@ -2,16 +2,21 @@
 """The shapes proof of learning, end to end, in one command (docs/DESIGN.md 2.7; docs/SHAPES_BENCHMARK.md).
 
 Stages (each skipped when its output exists, unless --force; per-stage wall times go to RUN_DIR/timings.json):
-  data         train split (seen colour/shape pairs) and test split (held-out pairs)  scripts/make_shapes_dataset.py
+  data         train split (seen colour/shape pairs), validation and test splits      scripts/make_shapes_dataset.py
+               (held-out pairs; val from its own random stream, used for every tuning decision)
   vae          TAESD-topology VAE on shapes images + initial toy checkpoint            scripts/train_toy_vae.py
   base         the toy SD1.5 UNet on composites with global prompts                    scripts/train_layerdiff.py
                (--composites --train unet)
   full, no_intra, no_inter, no_enhancer
                LayerDiff modules with the base frozen, full and ablations              scripts/train_layerdiff.py
-  eval         held-out prompts through the ComfyUI nodes: untrained, full with CFG,   scripts/evaluate_shapes.py
-               SAG and SMG, the three ablations, chance level and ground truth
+  tune         on the validation split only: CFG and SMG / SAG at several scales;      scripts/evaluate_shapes.py
+               picks the SMG and SAG scales the eval stage uses
+  eval         the test split, once: untrained, full with CFG, SAG and SMG (tuned      scripts/evaluate_shapes.py
+               scales, more samples), the three ablations, chance level and ground truth
   report       RUN_DIR/report.md + report.json (table, settings, stage timings)
   --export-assets additionally writes the shipped toy assets (assets/toy_shapes) from the base + full weights.
+  --from-assets takes the base and full weights from the shipped assets (the reported run's weights) instead of
+  training them: the ablations, the tuning and the evaluation then run on exactly what users get.
 
     python scripts/shapes_benchmark.py                      # the reported benchmark (< 60 min on 2 CPU cores)
     python scripts/shapes_benchmark.py --quick              # smoke run, a few minutes
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -38,16 +44,18 @@ SCRIPTS = REPO_ROOT / "scripts"
 
 # Settings of the reported run and of --quick. Every training stage uses the same script and the same
 # hyper-parameters except what the ablation switches off.
-FULL = {"train_count": 1000, "test_count": 48, "vae_steps": 0, "vae_crop": 0, "unet_width": 64,
+FULL = {"train_count": 1000, "test_count": 96, "vae_steps": 0, "vae_crop": 0, "unet_width": 64,
         "base_steps": 3000, "base_batch": 16, "base_lr": 5e-4, "base_schedule": "cosine", "base_min_snr": 5.0,
         "high_noise_weight": 1.0, "module_steps": 1000, "module_batch": 8, "module_lr": 1e-3,
-        "module_schedule": "constant", "eval_steps": 12}
+        "module_schedule": "constant", "eval_steps": 12, "val_count": 32, "ablation_test_count": 48,
+        "smg_scales": "0.25,0.5,1,2", "sag_scales": "0.5,1"}
 QUICK = {"train_count": 96, "test_count": 6, "vae_steps": 30, "vae_crop": 32, "unet_width": 64, "base_steps": 30,
          "base_batch": 8, "base_lr": 5e-4, "base_schedule": "constant", "base_min_snr": 5.0, "high_noise_weight": 1.0,
-         "module_steps": 20, "module_batch": 4, "module_lr": 5e-4, "module_schedule": "constant", "eval_steps": 6}
+         "module_steps": 20, "module_batch": 4, "module_lr": 5e-4, "module_schedule": "constant", "eval_steps": 6,
+         "val_count": 4, "ablation_test_count": 6, "smg_scales": "0.5", "sag_scales": "0.5"}
 ABLATIONS = {"full": [], "no_intra": ["--no-intra-layer"], "no_inter": ["--no-inter-layer"],
              "no_enhancer": ["--no-enhancer"]}
-STAGES = ("data", "vae", "base", *ABLATIONS, "eval", "report")
+STAGES = ("data", "vae", "base", *ABLATIONS, "tune", "eval", "report")
 MAX_FOREGROUNDS = 2
 ENHANCER_WIDTH = 64  # bottleneck: keeps the shipped weights small
 
@@ -64,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"override a setting ({', '.join(FULL)})")
     p.add_argument("--export-assets", type=Path, nargs="?", const=Path("assets/toy_shapes"),
                    help="write the shipped toy assets here after training (default assets/toy_shapes)")
+    p.add_argument("--from-assets", type=Path, nargs="?", const=Path("assets/toy_shapes"),
+                   help="take the base and full weights from these shipped assets instead of training them")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--comfyui", default="", help="ComfyUI folder (default: $COMFYUI_PATH, else .cache/comfyui)")
@@ -85,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
         p.error(f"unknown stages {unknown}; choose from {list(STAGES)}")
+    if args.from_assets and not args.vae:
+        args.vae = args.from_assets / "toy_shapes_base.safetensors"  # the shipped VAE, as the shipped base has it
     if args.settings["vae_steps"] == 0 and not args.vae and "vae" in args.stages:
         p.error("vae_steps is 0 (the VAE is taken as it is): pass --vae, e.g. --vae "
                 "assets/toy_shapes/toy_shapes_base.safetensors, or train one with --set vae_steps=N")
@@ -100,16 +112,18 @@ class Pipeline:
         self.timings_file = self.dir / "timings.json"
         self.timings = json.loads(self.timings_file.read_text()) if self.timings_file.exists() else {}
         self.train_data, self.test_data = self.dir / "data" / "train", self.dir / "data" / "test"
+        self.val_data = self.dir / "data" / "val"
         self.vae, self.init_ckpt = self.dir / "toy_vae.safetensors", self.dir / "toy_init.safetensors"
         self.base = self.dir / "toy_base.safetensors"
-        self.eval_json = self.dir / "eval.json"
+        self.eval_json, self.tune_json = self.dir / "eval.json", self.dir / "tune.json"
 
     def weights(self, name: str) -> Path:
         return self.dir / f"layerdiff_{name}.safetensors"
 
     def outputs(self, stage: str) -> list[Path]:
-        return {"data": [self.train_data / "shapes_dataset.json", self.test_data / "shapes_dataset.json"],
-                "vae": [self.init_ckpt], "base": [self.base], "eval": [self.eval_json],
+        return {"data": [self.train_data / "shapes_dataset.json", self.test_data / "shapes_dataset.json",
+                         self.val_data / "shapes_dataset.json"],
+                "vae": [self.init_ckpt], "base": [self.base], "tune": [self.tune_json], "eval": [self.eval_json],
                 "report": [self.dir / "report.md"]}.get(stage, [self.weights(stage)])
 
     def run(self) -> None:
@@ -149,7 +163,8 @@ class Pipeline:
         from scripts import make_shapes_dataset as make
 
         for out, split, count, seed in ((self.train_data, "train", self.s["train_count"], self.args.seed),
-                                        (self.test_data, "test", self.s["test_count"], self.args.seed + 1)):
+                                        (self.test_data, "test", self.s["test_count"], self.args.seed + 1),
+                                        (self.val_data, "val", self.s["val_count"], self.args.seed + 1)):
             argv = ["--out", str(out), "--count", str(count), "--split", split, "--seed", str(seed),
                     "--max-foregrounds", str(MAX_FOREGROUNDS), "--overwrite"]
             make.main(make.parse_args(argv))
@@ -183,35 +198,78 @@ class Pipeline:
             raise SystemExit(f"[shapes_benchmark] training {config.out} stopped at step {summary.get('step')}")
 
     def stage_base(self) -> None:
+        if self.args.from_assets:
+            from layerdiff_toy import toy_model
+
+            toy_model.assemble_toy_checkpoint(self.base, REPO_ROOT / self.args.from_assets)
+            return
         self.train("--checkpoint", self.init_ckpt, "--train", "unet", "--composites",
                    "--min-snr-gamma", self.s["base_min_snr"], "--lr-schedule", self.s["base_schedule"],
                    *self.train_args(self.base, "base", self.s["base_steps"], self.s["base_batch"], self.s["base_lr"]))
 
     def stage_modules(self, name: str) -> None:
+        if name == "full" and self.args.from_assets:
+            from layerdiff_toy import toy_model
+
+            shutil.copyfile(toy_model.toy_layerdiff_weights_path(REPO_ROOT / self.args.from_assets),
+                            self.weights(name))
+            return
         self.train("--checkpoint", self.base, "--train", "modules", "--enhancer-width", ENHANCER_WIDTH,
                    "--lr-schedule", self.s["module_schedule"], *ABLATIONS[name],
                    *self.train_args(self.weights(name), name, self.s["module_steps"], self.s["module_batch"],
                                     self.s["module_lr"]))
 
-    def stage_eval(self) -> None:
-        full = self.weights("full")
-        runs = [f"untrained=zero,enhancer_width={ENHANCER_WIDTH},max_foregrounds={MAX_FOREGROUNDS}",
-                f"full (CFG)={full}", f"full + SAG={full},guidance=sag", f"full + SMG={full},guidance=smg",
-                *(f"{name.replace('_', '-')} (CFG)={self.weights(name)}" for name in ABLATIONS if name != "full")]
-        argv = ["--checkpoint", self.base, "--toy-model", "--data", self.test_data, "--count", self.s["test_count"],
-                "--steps", self.s["eval_steps"], "--out", self.eval_json, "--threads", self.args.threads,
-                "--vae-ceiling"]
+    def scales(self, key: str) -> list[float]:
+        return [float(v) for v in str(self.s[key]).split(",") if v.strip()]
+
+    def evaluate(self, data: Path, count: int, runs: list[str], out: Path, *extra) -> None:
+        argv = [*extra, "--checkpoint", self.base, "--toy-model", "--data", data, "--count", count,
+                "--steps", self.s["eval_steps"], "--out", out, "--threads", self.args.threads,
+                "--calibration-data", self.val_data, "--calibration-count", self.s["val_count"],
+                "--baseline", "full (CFG)"]
         for run in runs:
             argv += ["--run", run]
         self.python("evaluate_shapes.py", *argv)
 
+    def stage_tune(self) -> None:
+        """SMG and SAG scales, chosen on the validation split by composite accuracy (then layer colour)."""
+        full = self.weights("full")
+        runs = [f"full (CFG)={full}"]
+        runs += [f"full + SMG {v:g}={full},guidance=smg,smg_scale={v}" for v in self.scales("smg_scales")]
+        runs += [f"full + SAG {v:g}={full},guidance=sag,sag_scale={v}" for v in self.scales("sag_scales")]
+        out = self.dir / "tune_eval.json"
+        self.evaluate(self.val_data, self.s["val_count"], runs, out)
+        summary = json.loads(out.read_text())["summary"]
+
+        def best(kind: str, key: str) -> float:
+            return max(self.scales(key), key=lambda v: (summary[f"full + {kind} {v:g}"]["composite_acc"],
+                                                        summary[f"full + {kind} {v:g}"]["fg_colour_acc"]))
+        chosen = {"smg_scale": best("SMG", "smg_scales"), "sag_scale": best("SAG", "sag_scales"),
+                  "split": "val", "samples": self.s["val_count"]}
+        self.tune_json.write_text(json.dumps(chosen, indent=1))
+        print(f"[shapes_benchmark] tuned on the validation split: {chosen}", flush=True)
+
+    def stage_eval(self) -> None:
+        full, tuned = self.weights("full"), json.loads(self.tune_json.read_text())
+        few = self.s["ablation_test_count"]
+        runs = [f"untrained=zero,enhancer_width={ENHANCER_WIDTH},max_foregrounds={MAX_FOREGROUNDS},count={few}",
+                f"full (CFG)={full}", f"full + SAG={full},guidance=sag,sag_scale={tuned['sag_scale']}",
+                f"full + SMG={full},guidance=smg,smg_scale={tuned['smg_scale']}",
+                *(f"{name.replace('_', '-')} (CFG)={self.weights(name)},count={few}"
+                  for name in ABLATIONS if name != "full")]
+        self.evaluate(self.test_data, self.s["test_count"], runs, self.eval_json, "--vae-ceiling")
+
     def stage_report(self) -> None:
         result = json.loads(self.eval_json.read_text())
         table = (self.eval_json.with_suffix(".md")).read_text().strip()
+        tune_table = (self.dir / "tune_eval.md").read_text().strip()
+        tuned = json.loads(self.tune_json.read_text())
         vae = json.loads(self.vae.with_suffix(".json").read_text()) if self.vae.with_suffix(".json").exists() else {}
         total = sum(self.timings.values())
         lines = ["# Shapes benchmark result", "", f"Command: `{' '.join(['python', *sys.argv])}`", "",
-                 table, "", f"Settings: {json.dumps(self.s)}", "",
+                 "## Test split (evaluated once)", "", table, "",
+                 f"## Validation split (tuning): chosen SMG scale {tuned['smg_scale']:g}, SAG scale "
+                 f"{tuned['sag_scale']:g}", "", tune_table, "", f"Settings: {json.dumps(self.s)}", "",
                  "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in self.timings.items())
                  + f"; total {total:.0f} s ({total / 60:.1f} min)", ""]
         if vae:
@@ -219,7 +277,9 @@ class Pipeline:
                          f"{vae['test_through_comfyui']['unet_latent_std']:.2f}")
         (self.dir / "report.md").write_text("\n".join(lines) + "\n")
         (self.dir / "report.json").write_text(json.dumps({"settings": self.s, "timings_s": self.timings,
-                                                          "summary": result["summary"], "vae": vae}, indent=1))
+                                                          "summary": result["summary"], "tuned": tuned,
+                                                          "paired_vs_cfg": result["paired_vs_baseline"],
+                                                          "palette": result["palette"], "vae": vae}, indent=1))
         print("\n".join(lines))
 
     def export_assets(self, target: Path) -> None:

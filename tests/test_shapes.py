@@ -72,11 +72,17 @@ def test_held_out_split_is_disjoint_and_covers_every_colour_and_shape():
     assert {c for c, _ in test} == set(S.COLOURS)  # one unseen shape per colour
     assert S.held_out_combinations(seed=0) == (train, test)
     assert S.held_out_combinations(seed=1)[1] != test
-    for split, allowed in (("train", set(train)), ("test", set(test))):
+    prompts = {}
+    for split, allowed in (("train", set(train)), ("val", set(test)), ("test", set(test))):
         config = S.config_for_split(split)
+        prompts[split] = set()
         for sample in S.generate_samples(1, 30, config):
             pairs = {(f["colour"], f["shape"]) for f in sample.meta["foregrounds"]}
             assert pairs <= allowed and sample.meta["split"] == split
+            prompts[split].add(sample.global_prompt)
+    # the validation split: the held-out pairs in other scenes (its own random stream), so tuning never sees a
+    # test sample even with the same seed
+    assert len(prompts["val"] & prompts["test"]) <= 1
     with pytest.raises(DatasetError, match="split"):
         S.split_combinations("validation")
 
@@ -190,3 +196,14 @@ def test_make_shapes_dataset_script(tmp_path):
         make.parse_args(["--out", str(tmp_path / "f"), "--count", "3"])  # not empty, no --overwrite
     with pytest.raises(SystemExit):
         make.parse_args(["--out", str(tmp_path / "x"), "--size", "60"])
+
+
+def test_toy_prompt_check_accepts_every_dataset_prompt_and_names_what_it_cannot_read():
+    for sample in S.generate_samples(5, 60, S.ShapesConfig(max_foregrounds=3)):
+        assert S.prompt_problem(sample.global_prompt, "global") is None, sample.global_prompt
+        assert S.prompt_problem(sample.background_prompt, "background") is None, sample.background_prompt
+        assert all(S.prompt_problem(p, "foreground") is None for p in sample.foreground_prompts)
+    assert S.prompt_problem("a red cat", "foreground") == "words it never saw: cat"
+    assert "a plain green background" in S.prompt_problem("a green background", "background")
+    assert "phrasing" in S.prompt_problem("a red circle on a green background", "global")
+    assert "phrasing" in S.prompt_problem("red circle", "foreground")

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.slow  # the whole benchmark chain (about a minute): bas
 
 SCRIPT = comfy_host.REPO_ROOT / "scripts" / "shapes_benchmark.py"
 DIAGNOSTICS = comfy_host.REPO_ROOT / "scripts" / "denoising_diagnostics.py"
-TINY = {"train_count": 12, "test_count": 2, "vae_steps": 2, "base_steps": 3, "base_batch": 4, "module_steps": 2,
-        "module_batch": 2, "eval_steps": 2}
+TINY = {"train_count": 12, "test_count": 2, "val_count": 2, "ablation_test_count": 2, "vae_steps": 2, "base_steps": 3,
+        "base_batch": 4, "module_steps": 2, "module_batch": 2, "eval_steps": 2}
 
 
 def run_script(script: Path, *argv, comfy_root: Path) -> str:
@@ -50,7 +50,10 @@ def test_every_stage_runs_and_the_exported_assets_load(benchmark_run, tmp_path):
     run_dir, assets = benchmark_run
 
     report = json.loads((run_dir / "report.json").read_text())
-    assert set(report["timings_s"]) == {"data", "vae", "base", "full", "no_intra", "no_inter", "no_enhancer", "eval"}
+    assert set(report["timings_s"]) == {"data", "vae", "base", "full", "no_intra", "no_inter", "no_enhancer", "tune",
+                                        "eval"}
+    assert report["tuned"]["split"] == "val" and report["tuned"]["smg_scale"] == 0.5  # the only --quick scale
+    assert report["palette"]["source"].startswith("decoded")
     rows = report["summary"]
     for name in ("chance", "ground truth through the VAE", "untrained", "full (CFG)", "full + SAG", "full + SMG",
                  "no-intra (CFG)", "no-inter (CFG)", "no-enhancer (CFG)"):

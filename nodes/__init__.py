@@ -1,6 +1,7 @@
 """ComfyUI node classes of ComfyUI-LayerDiff (thin: check inputs, call the host adapter, return)."""
 from .host import inference
 from .nodes_conditioning import LayerDiffEnhancePrompts, LayerDiffPromptEncode
+from .nodes_layer_edit import LayerDiffRegenerateLayers
 from .nodes_layer_input import LayerDiffEncodeLayers, LayerDiffLoadLayeredFile
 from .nodes_layers import LayerDiffComposeLayers, LayerDiffSaveLayers, LayerDiffSplitLayers
 from .nodes_model import LayerDiffApply, LayerDiffLoadWeights
@@ -20,6 +21,7 @@ _NODES = (
     LayerDiffSaveLayers,
     LayerDiffEncodeLayers,
     LayerDiffLoadLayeredFile,
+    LayerDiffRegenerateLayers,
 )
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in _NODES}

@@ -7,7 +7,7 @@ import torch
 from ..layerdiff_model.errors import LayoutError
 from ..layerdiff_model.layers import compose as layer_compose
 from ..layerdiff_model.sampling.conditioning import parse_foreground_prompts
-from .host import inference, layered_input
+from .host import inference, layer_editing, layered_input
 from .nodes_layers import LAYERS_TYPE
 
 CATEGORY = "LayerDiff/layers"
@@ -46,7 +46,8 @@ class LayerDiffEncodeLayers:
         layers = layers_from_inputs(background, foregrounds, masks, layer_names, node)
         slots = layer_compose.layers_to_slot_images(layers)  # [(b s), H, W, 3]
         samples = vae.encode(slots)  # [(b s), 4, H/8, W/8]
-        return inference.make_layered_latent(samples, layers.num_foregrounds, layers.names), layers
+        latent = inference.make_layered_latent(samples, layers.num_foregrounds, layers.names)
+        return layer_editing.remember_source(latent, layers), layers
 
 
 def layers_from_inputs(background: torch.Tensor, foregrounds: torch.Tensor, masks: torch.Tensor | None,

@@ -9,7 +9,7 @@ import torch
 from ..layerdiff_model.layers import compose as layer_compose
 from ..layerdiff_model.layers import layered_files
 from ..layerdiff_model.errors import LayoutError
-from .host import inference
+from .host import inference, layer_editing
 from .input_checks import require_finite
 
 CATEGORY = "LayerDiff/layers"
@@ -59,6 +59,7 @@ class LayerDiffSplitLayers:
         layers = layer_compose.split_decoded_slots(images, n, binarize=binarize_masks, threshold=mask_threshold)
         layers = layer_compose.LayeredImages(layers.background, layers.foregrounds, layers.masks,
                                              _layer_names(info, n))
+        layers = layer_editing.original_pixels(layers, samples)  # layers that came in as images and were kept
         fg = layers.foregrounds.flatten(0, 1)  # [(b n), H, W, 3]
         masks = layers.masks.flatten(0, 1)  # [(b n), H, W]
         rgba = layer_compose.to_rgba(layers).flatten(0, 1)  # [(b n), H, W, 4]

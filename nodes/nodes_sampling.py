@@ -5,7 +5,7 @@ import torch
 
 from ..layerdiff_model.errors import LayoutError
 from ..layerdiff_model.slots import check_foreground_count, num_slots
-from .host import inference
+from .host import inference, layer_editing
 from .input_checks import require_finite
 
 CATEGORY = "LayerDiff/sampling"
@@ -109,7 +109,7 @@ class LayerDiffSMGSampler:
         (out,) = comfy_nodes.common_ksampler(guided, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                              latent_image, denoise=denoise)
         names = inference.layers_of(positive, node, "positive").prompts
-        out = dict(out)
+        out = layer_editing.restore_kept_rows(latent_image, dict(out))  # kept layers exactly as they came in
         out[inference.LATENT_KEY] = dict(info, layer_names=list(names))
         return (out,)
 

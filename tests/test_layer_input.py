@@ -29,7 +29,9 @@ def test_each_slot_is_the_vae_encoding_of_its_layer_and_masks_are_grey_images(ti
     latent, layers = node("LayerDiffEncodeLayers").encode(vae, background, rgb, masks, "a wall\na cat\na ball")
     samples = latent["samples"]
     assert samples.shape == (5, 4, H // 8, W // 8)
-    assert latent["layerdiff"] == {"num_foregrounds": 2, "layer_names": ["a wall", "a cat", "a ball"]}
+    info = latent["layerdiff"]
+    assert (info["num_foregrounds"], info["layer_names"]) == (2, ["a wall", "a cat", "a ball"])
+    assert torch.equal(info["source"]["latent"], samples)  # the source pixels ride along (layer editing)
     grey = [m[..., None].expand(H, W, 3) for m in masks]
     slot_images = [background[0], rgb[0], rgb[1], *grey]
     for s, image in enumerate(slot_images):  # slot order: background, fg 1, fg 2, mask 1, mask 2

@@ -324,3 +324,28 @@ def test_two_processes_average_gradients_and_detect_divergence(tmp_path):
     for r in results:
         assert r["shared"] == [1.5, 1.5, 1.5] and r["only_rank1"] == [2.0, 3.0]
         assert "diverged" in r["diverged"] and "values of a" in r["diverged"] and "at step 2" in r["diverged"]
+
+
+def test_mask_follow_puts_the_layer_slots_ahead_of_the_masks(tmp_path, data):
+    training = product_module("layerdiff_model.training.loop")
+
+    n, samples = 2, 4000
+    shared = torch.randint(0, 1000, (samples,)).repeat_interleave(2 * n + 1)
+    gen = torch.Generator().manual_seed(0)
+    out = training.layers_ahead_of_masks(shared, n, 0.5, gen).view(samples, 2 * n + 1)
+    before = shared.view(samples, 2 * n + 1)
+    assert torch.equal(out[:, n + 1:], before[:, n + 1:])  # masks keep the sample's timestep
+    assert (out[:, :n + 1] <= before[:, :n + 1]).all()  # layers are never noisier than their masks
+    moved = (out[:, 0] != before[:, 0])
+    assert 0.45 < moved.float().mean() < 0.55  # about prob of the samples (a few draw t itself)
+    assert (out[:, :n + 1] == out[:, :1]).all()  # background and foregrounds of a sample share one timestep
+    ratio = out[moved, 0].float() / before[moved, 0].float()
+    assert abs(float(ratio.mean()) - 0.5) < 0.03  # uniform below the mask timestep
+    assert torch.equal(training.layers_ahead_of_masks(shared, n, 0.0, gen), shared)
+    # in a run: it trains, and a resume with another value is refused (the noise depends on it)
+    summary, _ = run(config(tmp_path, data, "follow", steps=2, checkpoint_every=1, mask_follow_prob=0.5))
+    assert summary["finished"]
+    with pytest.raises(TrainConfigError, match="--mask-follow-prob"):
+        run(config(tmp_path, data, "follow", steps=4, resume=True, mask_follow_prob=0.0))
+    with pytest.raises(TrainConfigError, match="--mask-follow-prob"):
+        as_config({**dict(checkpoint="c", data="d", out="o", run_dir="r"), "mask_follow_prob": 1.5})

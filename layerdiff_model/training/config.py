@@ -69,6 +69,7 @@ class TrainConfig:
     min_snr_gamma: float = 0.0
     high_noise_weight: float = 0.0
     mask_loss_weight: float = 1.0
+    mask_follow_prob: float = 0.0
     toy_model: bool = False
     threads: int = 0
     workers: int = 0
@@ -100,13 +101,16 @@ class TrainConfig:
 # What a checkpoint's tensors, data order and noise depend on: a resumed run must use the same values.
 RESUME_FIXED_FIELDS = ("train", "composites", "layer_images", "max_foregrounds", "inter_layer", "intra_layer",
                        "enhancer", "role_modulation", "enhancer_width", "enhancer_depth", "resolution", "batch_size",
-                       "grad_accum", "seed", "prompt_dropout", "ema_decay", "lr_schedule", "mask_loss_weight", "min_snr_gamma",
-                       "high_noise_weight")
+                       "grad_accum", "seed", "prompt_dropout", "ema_decay", "lr_schedule", "mask_loss_weight",
+                       "min_snr_gamma", "high_noise_weight", "mask_follow_prob")  # a field added later: its default
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
 
 def check_resume_compatible(saved: Mapping[str, Any], config: TrainConfig, source: str) -> None:
     diffs = [f"--{name.replace('_', '-')} {saved.get(name)!r} -> {getattr(config, name)!r}"
-             for name in RESUME_FIXED_FIELDS if saved.get(name) != getattr(config, name)]
+             for name in RESUME_FIXED_FIELDS if saved.get(name, _DEFAULTS[name]) != getattr(config, name)]
     if diffs:
         raise TrainConfigError(
             f"{SCRIPT}: cannot resume from {source}: it was written with other options ({'; '.join(diffs)}). "
@@ -146,6 +150,10 @@ def validate(config: TrainConfig) -> TrainConfig:
                         "--composites (base-model training) or use --train modules+unet")
     if config.min_snr_gamma < 0 or config.high_noise_weight < 0:
         problems.append("--min-snr-gamma and --high-noise-weight must be >= 0 (0 = off)")
+    if not 0.0 <= config.mask_follow_prob <= 1.0:
+        problems.append(f"--mask-follow-prob must be between 0 and 1, got {config.mask_follow_prob}")
+    if config.mask_follow_prob > 0 and config.composites:
+        problems.append("--mask-follow-prob acts on mask slots: it needs layered training (drop --composites)")
     if config.stop_after < 0 or config.checkpoint_every < 0 or config.validate_every < 0:
         problems.append("--stop-after, --checkpoint-every and --validate-every must be >= 0")
     if problems:
@@ -224,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask-loss-weight", type=float, default=d.mask_loss_weight,
                    help="weight of the mask read-out loss (the 1x1 latent->mask probe self-mask guidance uses, "
                         "trained on the clean mask-slot latents)")
+    g.add_argument("--mask-follow-prob", type=float, default=d.mask_follow_prob,
+                   help="per sample, the probability that the layer slots are noised less than the mask slots (a "
+                        "timestep drawn uniformly below the masks'), so that the masks learn to follow their "
+                        "layers through inter-layer attention (docs/DESIGN.md 2.8; 0 = one timestep for all slots)")
     g.add_argument("--ema-decay", type=float, default=d.ema_decay,
                    help="keep an EMA of the trained weights with this decay (0 = off); the output file gets the EMA")
     g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=d.mixed_precision,

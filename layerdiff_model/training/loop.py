@@ -160,6 +160,27 @@ def autocast_context(config: TrainConfig, device: torch.device) -> ContextManage
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def layers_ahead_of_masks(timesteps: torch.Tensor, num_foregrounds: int, prob: float, gen: torch.Generator
+                          ) -> torch.Tensor:
+    """Per-slot timesteps ``[b*S]`` (one per sample, repeated over its S = 2N+1 slots) -> the same with, for each
+    sample with probability ``prob``, its background and foreground slots at a timestep drawn uniformly in
+    ``[0, t]`` while its mask slots keep ``t`` (docs/DESIGN.md 2.8).
+
+    A mask is a function of its foreground, but at one shared timestep the mask's own noisy latent is the clearer
+    signal, so mask slots learn to ignore their foregrounds. With the layers ahead, reading the foreground is the
+    way to a low mask loss. Sampling still uses one timestep for all slots.
+    """
+    slots = 2 * num_foregrounds + 1
+    per_sample = timesteps.view(-1, slots)  # [b, S]
+    b = per_sample.shape[0]
+    picked = torch.rand(b, generator=gen) < prob
+    ahead = (torch.rand(b, generator=gen) * (per_sample[:, 0].float() + 1)).floor().long().clamp(max=per_sample[:, 0])
+    out = per_sample.clone()
+    layer_slots = slice(0, num_foregrounds + 1)
+    out[:, layer_slots] = torch.where(picked[:, None], ahead[:, None], per_sample[:, layer_slots])
+    return out.reshape(-1)
+
+
 def epsilon_loss(pred: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor | None = None,
                  min_snr_gamma: float = 0.0, high_noise_weight: float = 0.0) -> torch.Tensor:
     """Epsilon MSE over all rows, optionally weighted per row by the row's ``sigmas``.
@@ -233,6 +254,8 @@ class Trainer:
         b = len(prompts)
         drop = (torch.rand(b, generator=gen) < cfg.prompt_dropout).tolist()
         timesteps = torch.randint(0, model.num_timesteps, (b,), generator=gen).repeat_interleave(rows)
+        if cfg.mask_follow_prob > 0 and not cfg.composites:
+            timesteps = layers_ahead_of_masks(timesteps, batch["num_foregrounds"], cfg.mask_follow_prob, gen)
         with torch.no_grad():
             latents = model.encode_images(images.to(model.device))
         noise = torch.randn(latents.shape, generator=gen, dtype=torch.float32).to(model.device)

@@ -14,11 +14,12 @@ from .slots import num_slots
 BACKGROUND_NAMES = ("background", "bg", "0")
 
 
-def parse_layer_selection(text: str, num_foregrounds: int, node: str, input_name: str = "layers") -> list[int]:
+def parse_layer_selection(text: str, num_foregrounds: int, node: str, input_name: str = "layers",
+                          source: str = "the latent") -> list[int]:
     """``"2"``, ``"1,3"``, ``"1-2"``, ``"background"`` -> sorted layer indices (0 = background, k = foreground k).
 
     Raises LayoutError naming ``node`` and ``input_name`` for an empty selection, a word that is not a layer, or
-    an index outside 1..``num_foregrounds``.
+    an index outside 1..``num_foregrounds`` (the layer count of ``source``, e.g. "the conditioning").
     """
     picked: set[int] = set()
     for part in (p.strip().lower() for p in str(text).replace(";", ",").split(",")):
@@ -36,7 +37,7 @@ def parse_layer_selection(text: str, num_foregrounds: int, node: str, input_name
                               "'background'.") from None
         for k in range(first, last + 1) if first <= last else ():
             if not 1 <= k <= num_foregrounds:
-                raise LayoutError(f"{node}: '{input_name}' asks for layer {k} but the latent has {num_foregrounds} "
+                raise LayoutError(f"{node}: '{input_name}' asks for layer {k} but {source} has {num_foregrounds} "
                                   f"foreground layer(s); use 1..{num_foregrounds} (1 = top) or 'background'.")
             picked.add(k)
         if first > last:

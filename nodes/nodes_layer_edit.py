@@ -1,7 +1,8 @@
 """Nodes: edit chosen layers of a layered latent (regenerate or restyle them) while every other layer stays fixed."""
 from __future__ import annotations
 
-from .host import layer_editing
+from .host import layer_control, layer_editing
+from .input_checks import require_finite
 
 CATEGORY = "LayerDiff/editing"
 
@@ -34,3 +35,42 @@ class LayerDiffRegenerateLayers:
 
     def regenerate(self, samples, layers, keep_masks=False):
         return (layer_editing.regenerate(samples, layers, keep_masks, self.DISPLAY_NAME),)
+
+
+class LayerDiffLayerControlNet:
+    DISPLAY_NAME = "LayerDiff Apply ControlNet to Layers"
+    DESCRIPTION = ("Applies a standard ControlNet (from the core ControlNet loaders) to chosen layers only: e.g. a "
+                   "pose for layer 1, a depth map for the background. Every other layer gets no control at all. "
+                   "Chain several, each with its own ControlNet, image and layers.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "positive": ("CONDITIONING", {"tooltip": "Layered positive conditioning (LayerDiff Layer Prompt "
+                                                     "Encode / Enhance Layer Prompts)."}),
+            "negative": ("CONDITIONING", {"tooltip": "Layered negative conditioning."}),
+            "control_net": ("CONTROL_NET", {"tooltip": "An SD1.5 ControlNet (core 'Load ControlNet Model')."}),
+            "image": ("IMAGE", {"tooltip": "The control image (pose, depth, edges, ...): one, or one per layered "
+                                           "image of the batch."}),
+            "layers": ("STRING", {"default": "1", "tooltip":
+                "Layers the control acts on, top layer first: '1', '2', '1,3' or 'background'. A foreground "
+                "layer's mask slot gets the control too."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+        }, "optional": {
+            "vae": ("VAE", {"tooltip": "Only for ControlNets that need one (as the core Apply ControlNet)."}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, positive, negative, control_net, image, layers, strength, start_percent, end_percent, vae=None):
+        node = self.DISPLAY_NAME
+        require_finite(node, strength=strength, start_percent=start_percent, end_percent=end_percent)
+        if strength == 0:
+            return (positive, negative)
+        return layer_control.apply_to_layers(positive, negative, control_net, image, strength, layers,
+                                             start_percent, end_percent, node, vae)

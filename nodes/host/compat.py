@@ -50,3 +50,13 @@ def transformer_blocks_mutate_in_place() -> bool:
         return "x += n" in inspect.getsource(forward)
     except (OSError, TypeError):
         return True  # unknown: take the safe choice
+
+
+def set_control_hint(control, hint, strength: float, percent_range: tuple[float, float], vae=None):
+    """``control.set_cond_hint`` with the VAE where this ComfyUI takes one (0.3.x: ControlNets that work in latent
+    space need it; the 2024 signature has no ``vae``)."""
+    import inspect
+
+    if vae is not None and "vae" in inspect.signature(control.set_cond_hint).parameters:
+        return control.set_cond_hint(hint, strength, percent_range, vae=vae)
+    return control.set_cond_hint(hint, strength, percent_range)

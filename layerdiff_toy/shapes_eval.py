@@ -225,7 +225,27 @@ def summarize(scores: Sequence[SampleScore]) -> dict:
         "empty_mask_rate": _mean([l.mask_area == 0.0 for l in layer_scores]),
         "no_colour_rate": _mean([l.colour == NO_COLOUR for l in layer_scores]),
         "per_colour": {name: per_colour[name] for name in shapes.COLOURS if name in per_colour},
+        "composite_psnr_db": _mean([s.details.get("composite_psnr_db") for s in scores]),
     }
+
+
+def psnr_db(image: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB of two images in [0, 1] (any equal shapes); inf for identical images."""
+    mse = float(((image.float() - reference.float()) ** 2).mean())
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+
+def decomposition_table(rows: dict[str, dict]) -> str:
+    """| variant | composite PSNR | true-mask IoU | layer colour | bg colour | composite |, for decompositions."""
+    keys = ("composite_psnr_db", "true_mask_iou", "fg_colour_acc", "bg_colour_acc", "composite_acc")
+    lines = ["| variant | composite PSNR (dB) | true-mask IoU | layer colour | bg colour | composite |",
+             "|---|---|---|---|---|---|"]
+    for name, m in rows.items():
+        psnr = m.get("composite_psnr_db")
+        cells = [f"{psnr:.1f}" if isinstance(psnr, float) and psnr == psnr else "n/a"]
+        cells += [_cell(m.get(k)) for k in keys[1:]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def chance_levels(truths: Sequence[shapes.ShapesTruth]) -> dict:

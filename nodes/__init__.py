@@ -1,7 +1,8 @@
 """ComfyUI node classes of ComfyUI-LayerDiff (thin: check inputs, call the host adapter, return)."""
 from .host import inference
 from .nodes_conditioning import LayerDiffEnhancePrompts, LayerDiffPromptEncode
-from .nodes_layer_edit import LayerDiffLayerControlNet, LayerDiffRegenerateLayers
+from .nodes_layer_edit import (LayerDiffCompositeGuidance, LayerDiffLayerControlNet, LayerDiffPictureToLatent,
+                               LayerDiffRegenerateLayers)
 from .nodes_layer_input import LayerDiffEncodeLayers, LayerDiffLoadLayeredFile
 from .nodes_layers import LayerDiffComposeLayers, LayerDiffSaveLayers, LayerDiffSplitLayers
 from .nodes_model import LayerDiffApply, LayerDiffLoadWeights
@@ -23,6 +24,8 @@ _NODES = (
     LayerDiffLoadLayeredFile,
     LayerDiffRegenerateLayers,
     LayerDiffLayerControlNet,
+    LayerDiffPictureToLatent,
+    LayerDiffCompositeGuidance,
 )
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in _NODES}

@@ -1,7 +1,8 @@
-"""Nodes: edit chosen layers of a layered latent (regenerate or restyle them) while every other layer stays fixed."""
+"""Nodes: edit chosen layers of a layered latent (regenerate or restyle them, ControlNet on them) while every other
+layer stays fixed, and decompose a flat picture into layers."""
 from __future__ import annotations
 
-from .host import layer_control, layer_editing
+from .host import decomposition, layer_control, layer_editing
 from .input_checks import require_finite
 
 CATEGORY = "LayerDiff/editing"
@@ -74,3 +75,61 @@ class LayerDiffLayerControlNet:
             return (positive, negative)
         return layer_control.apply_to_layers(positive, negative, control_net, image, strength, layers,
                                              start_percent, end_percent, node, vae)
+
+
+class LayerDiffPictureToLatent:
+    DISPLAY_NAME = "LayerDiff Picture to Layered Latent"
+    DESCRIPTION = ("Starts a decomposition of a flat picture into layers: the picture goes into the background slot "
+                   "(and the foreground slots), the masks start grey. Sample it at partial denoise with a model "
+                   "that has 'LayerDiff Composite Guidance', the global prompt and one prompt per layer.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("VAE", {"tooltip": "The SD1.5 VAE (the checkpoint's)."}),
+            "image": ("IMAGE", {"tooltip": "The picture to decompose (width and height multiples of 8)."}),
+            "foregrounds": ("INT", {"default": 2, "min": 1, "max": 16, "tooltip":
+                "Number of foreground layers to find; connect the prompt encoder's 'foregrounds'."}),
+            "foreground_start": (list(decomposition.FOREGROUND_STARTS), {"default": "picture", "tooltip":
+                "What the foreground slots start from: the picture, or neutral grey."}),
+        }, "optional": {
+            "layer_names": ("STRING", {"forceInput": True, "tooltip": "The prompt encoder's 'layer_names'."}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("Layered latent carrying the picture: sample it (denoise about 0.8) and connect it to "
+                       "'LayerDiff Composite Guidance' too.",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    def encode(self, vae, image, foregrounds, foreground_start="picture", layer_names=None):
+        names = layer_names.split("\n") if layer_names else None
+        return (decomposition.picture_latent(vae, image, foregrounds, foreground_start, names, self.DISPLAY_NAME),)
+
+
+class LayerDiffCompositeGuidance:
+    DISPLAY_NAME = "LayerDiff Composite Guidance"
+    DESCRIPTION = ("Pulls the composite of the layers being generated toward a picture at every step, so the "
+                   "layers decompose it: each position's difference goes to the layer visible there (by the "
+                   "model's own predicted masks). Works with any sampler; strength 0 changes nothing.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A model patched by 'LayerDiff Apply'."}),
+            "picture_latent": ("LATENT", {"tooltip": "The output of 'LayerDiff Picture to Layered Latent'."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                "1 = the visible layer content matches the picture after each step; lower keeps more of what "
+                "the model draws."}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                "Guidance starts after this fraction of the noise schedule."}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = CATEGORY
+
+    def patch(self, model, picture_latent, strength=1.0, start_percent=0.0):
+        node = self.DISPLAY_NAME
+        require_finite(node, strength=strength, start_percent=start_percent)
+        return (decomposition.with_composite_guidance(model, picture_latent, strength, start_percent, node),)

@@ -13,6 +13,10 @@ layerdiff_toy/shapes_eval.py. Each --run names weights and guidance:
     --run untrained=zero                                  zero-initialised modules (= the base model in every slot)
     --run no-inter=runs/no_inter.safetensors              (the weights' own config switches branches off)
     --run smg1=runs/full.safetensors,guidance=smg,smg_scale=1,count=24   per-run scale and sample count
+    --run dec=runs/full.safetensors,decompose=picture,denoise=0.8,strength=1
+          decompose each sample's composite picture (LayerDiff Picture to Layered Latent, foreground slots starting
+          from the picture or grey, + LayerDiff Composite Guidance): scored against the true layers (true-mask
+          IoU) and by the PSNR of the layers' composite against the picture
 
 Every run uses the same seeds per sample. Also reported: the scorer on the dataset's own layers ("ground truth")
 and the chance level; with --vae-ceiling the true layers after a VAE round trip (the only row with known layouts,
@@ -43,7 +47,7 @@ from comfy_headless.product import product_module, product_names  # noqa: E402
 LOG = logging.getLogger("evaluate_shapes")
 GUIDANCE = ("cfg", "smg", "sag")
 RUN_KEYS = {"guidance": str, "smg_scale": float, "sag_scale": float, "count": int, "max_foregrounds": int,
-            "enhancer_width": int}
+            "enhancer_width": int, "decompose": str, "denoise": float, "strength": float}
 
 
 def parse_run(text: str) -> dict:
@@ -122,10 +126,17 @@ def build_run(run: dict, node: NodeRunner, model) -> dict:
     return {**run, "modules": modules, "model": patched, "scores": [], "seconds": 0.0}
 
 
-def sample_one(run: dict, node: NodeRunner, vae, cond: tuple, num_fg: int, seed: int, args) -> object:
+def sample_one(run: dict, node: NodeRunner, vae, cond: tuple, num_fg: int, seed: int, args, picture=None) -> object:
     positive, negative = node("LayerDiffEnhancePrompts", layerdiff=run["modules"], positive=cond[0], negative=cond[1])
-    (latent,) = node("LayerDiffEmptyLatent", width=64, height=64, foregrounds=num_fg, batch_size=1)
-    model, smg = run["model"], 0.0
+    model, smg, denoise = run["model"], 0.0, 1.0
+    if run.get("decompose"):
+        (latent,) = node("LayerDiffPictureToLatent", vae=vae, image=picture, foregrounds=num_fg,
+                         foreground_start=run["decompose"])
+        (model,) = node("LayerDiffCompositeGuidance", model=model, picture_latent=latent,
+                        strength=run.get("strength", 1.0), start_percent=0.0)
+        denoise = run.get("denoise", 0.8)
+    else:
+        (latent,) = node("LayerDiffEmptyLatent", width=64, height=64, foregrounds=num_fg, batch_size=1)
     if run["guidance"] == "sag":
         (model,) = node("SelfAttentionGuidance", model=model, scale=run.get("sag_scale", args.sag_scale),
                         blur_sigma=2.0)
@@ -133,7 +144,7 @@ def sample_one(run: dict, node: NodeRunner, vae, cond: tuple, num_fg: int, seed:
         smg = run.get("smg_scale", args.smg_scale)
     (samples,) = node("LayerDiffSMGSampler", model=model, seed=seed, steps=args.steps, cfg=args.cfg,
                       sampler_name=args.sampler, scheduler=args.scheduler, positive=positive, negative=negative,
-                      latent_image=latent, denoise=1.0, smg_scale=smg, smg_start_percent=args.smg_start)
+                      latent_image=latent, denoise=denoise, smg_scale=smg, smg_start_percent=args.smg_start)
     (images,) = node("VAEDecode", vae=vae, samples=samples)
     return node("LayerDiffSplitLayers", images=images, samples=samples)[0]
 
@@ -177,6 +188,8 @@ def main(argv=None) -> int:
     headless.boot(comfy_root=args.comfyui or None)
     from layerdiff_toy import shapes_eval, toy_model  # after the boot: shapes_eval takes product modules
 
+    compose = product_names("layerdiff_model.layers.compose", "compose")
+
     if args.toy_model:
         toy_model.register_toy_sd15()
     list_sample_folders, read_sample = product_names("layerdiff_model.data.sample_files", "list_sample_folders",
@@ -209,14 +222,20 @@ def main(argv=None) -> int:
         cond = node("LayerDiffPromptEncode", clip=clip, global_prompt=sample.global_prompt,
                     background_prompt=sample.background_prompt,
                     foreground_prompts="\n".join(sample.foreground_prompts), negative_prompt="")
+        picture = compose(layers)  # the flat picture a decomposition starts from [1, H, W, 3]
         for run in runs:
             if i >= run.get("count", len(samples)):
                 continue
             t = time.time()
             with torch.no_grad():
-                generated = sample_one(run, node, vae, cond, len(sample.foreground_prompts), args.seed + i, args)
+                generated = sample_one(run, node, vae, cond, len(sample.foreground_prompts), args.seed + i, args,
+                                       picture)
             run["seconds"] += time.time() - t
-            run["scores"].append(shapes_eval.score_sample(generated, 0, truth, palette))
+            decomposed = bool(run.get("decompose"))
+            score = shapes_eval.score_sample(generated, 0, truth, palette, layout_is_true=decomposed)
+            if decomposed:
+                score.details["composite_psnr_db"] = shapes_eval.psnr_db(compose(generated), picture)
+            run["scores"].append(score)
             if i < args.save_images:
                 sheets[run["name"]].append(generated)
         if (i + 1) % 8 == 0:
@@ -245,6 +264,9 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(result, indent=1, default=str))
     table = shapes_eval.markdown_table(rows, times) + "\n\nLayer colour per prompt colour (right/layers):\n\n" + \
         shapes_eval.per_colour_table(rows)
+    decompositions = {r["name"]: rows[r["name"]] for r in runs if r.get("decompose")}
+    if decompositions:
+        table += "\n\nDecomposition of the samples' composites:\n\n" + shapes_eval.decomposition_table(decompositions)
     if paired:
         table += f"\n\nPaired difference from {args.baseline} (same prompts and seeds; mean +- standard error):\n\n" + \
             "\n".join(f"- {name}: composite {d['composite_acc']['mean']:+.3f} +- {d['composite_acc']['se']:.3f} "

@@ -72,4 +72,6 @@ def for_tiny_models(api: dict, weights: str, width: int = 64, height: int = 48, 
             inputs["width"], inputs["height"] = width, height
         elif entry["class_type"] == "LayerDiffSMGSampler":
             inputs.update(steps=2, smg_start_percent=0.0, **sampler)
+        elif entry["class_type"] == "ControlNetLoader":
+            inputs["control_net_name"] = comfy_host.ensure_tiny_controlnet()
     return api

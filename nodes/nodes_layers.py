@@ -112,7 +112,7 @@ def _replace_layers(layers, background, foregrounds, masks, node):
 
 
 def _to_uint8(t: torch.Tensor) -> np.ndarray:
-    return (t.clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    return (t.detach().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
 class LayerDiffSaveLayers:

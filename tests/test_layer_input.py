@@ -164,3 +164,36 @@ def test_unreadable_or_foreign_files_are_refused(comfyui):
         loader.load("../../etc/passwd.psd")
     with pytest.raises(errors.LayerDiffError, match="must be a .psd or .ora file"):
         loader.load("picture.png")
+
+
+def test_psd_files_from_other_editors_layers_outside_the_canvas_16_bit_and_cmyk(comfyui):
+    """Written with psd-tools (what Photoshop-compatible editors write): a layer hanging over the canvas edge is
+    clipped to the canvas; 16-bit and CMYK documents are refused with the fix; a PSD with only a background too."""
+    psd_tools = pytest.importorskip("psd_tools")
+    from PIL import Image
+    from psd_tools.api.layers import PixelLayer
+
+    import comfy_host
+
+    errors = package_module("layerdiff_model.errors")
+    loader, folder = node("LayerDiffLoadLayeredFile"), comfy_host.host().input_dir
+    psd = psd_tools.PSDImage.new("RGB", (W, H))
+    psd.append(PixelLayer.frompil(Image.new("RGB", (W, H), (10, 20, 30)), psd, "a wall", 0, 0))
+    psd.append(PixelLayer.frompil(Image.new("RGBA", (30, 30), (200, 0, 0, 255)), psd, "a red ball", H - 10, W - 12))
+    psd.save(folder / "overhang.psd")
+    bg, fgs, masks, bg_name, fg_names = loader.load("overhang.psd")
+    assert (bg_name, fg_names) == ("a wall", "a red ball") and fgs.shape == (1, H, W, 3)
+    expected = torch.zeros(H, W)
+    expected[H - 10:, W - 12:] = 1.0  # the part inside the canvas
+    assert torch.equal(masks[0], expected)
+    assert torch.allclose(fgs[0][H - 10:, W - 12:], torch.tensor([200 / 255, 0.0, 0.0]))
+    assert torch.allclose(bg[0], torch.tensor([10, 20, 30]) / 255)
+    for name, mode, depth in (("deep.psd", "RGB", 16), ("print.psd", "CMYK", 8)):
+        psd_tools.PSDImage.new(mode, (W, H), depth=depth).save(folder / name)
+        with pytest.raises(errors.LayerDiffError, match=f"{name}: .*only 8-bit RGB PSD .* convert it to 8-bit RGB"):
+            loader.load(name)
+    only = psd_tools.PSDImage.new("RGB", (W, H))
+    only.append(PixelLayer.frompil(Image.new("RGB", (W, H)), only, "a wall", 0, 0))
+    only.save(folder / "one_layer.psd")
+    with pytest.raises(errors.LayerDiffError, match="one_layer.psd: .*at least one layer above"):
+        loader.load("one_layer.psd")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,49 @@ def test_shipped_assets_are_small_and_the_weights_load():
         assert fh.get_slice("model.diffusion_model.input_blocks.0.0.weight").get_shape()[0] == t.SHAPES_TOY_WIDTH
     config = load_config(t.toy_layerdiff_weights_path())
     assert config.base_family == "sd15" and config.max_foregrounds >= 1
+
+
+# ------------------------------------------------------------------------------------------------ layer editing
+EDIT_SEEDS = (0, 1, 2, 3)
+
+
+def test_generate_save_psd_load_and_regenerate_layer_2_in_a_new_colour(toy_shapes_models):
+    """The toy model end to end: generate two layers, save them as PSD (Save Layers), load the PSD (Load Layered
+    File), encode it (Encode Layers) and regenerate layer 2 with a new colour (Regenerate Layers + the SMG
+    KSampler). Layer 2 comes out in the new colour; the background and layer 1 keep the file's pixels."""
+    import folder_paths
+
+    torch.set_num_threads(1)
+    model, clip, vae, weights = toy_shapes_models
+    (modules,) = ld.node("LayerDiffLoadWeights").load(weights)
+    (patched,) = ld.node("LayerDiffApply").apply(model, modules)
+    background = "a plain green background"
+    first, new = ["a red circle", "a blue square"], ["a red circle", "a yellow square"]
+    colours = []
+    for seed in EDIT_SEEDS:
+        layers = generate_layers(patched, clip, vae, modules, first, background, seed)
+        prefix = f"toy_edit_{seed}"
+        ld.node("LayerDiffSaveLayers").save(layers, prefix, "psd")
+        saved = sorted(Path(folder_paths.get_output_directory()).glob(f"{prefix}_*.psd"))[-1]
+        shutil.copyfile(saved, Path(folder_paths.get_input_directory()) / saved.name)
+        bg, fgs, masks, bg_prompt, fg_prompts = ld.node("LayerDiffLoadLayeredFile").load(saved.name)
+        assert (bg_prompt, fg_prompts.splitlines()) == (background, first)
+        latent, _ = ld.node("LayerDiffEncodeLayers").encode(vae, bg, fgs, masks, "")
+        edit = ld.node("LayerDiffRegenerateLayers").regenerate(latent, "2", False)[0]
+        edited = generate_layers(patched, clip, vae, modules, new, background, seed + 100, latent=edit)
+        assert torch.equal(edited.background, bg) and torch.equal(edited.foregrounds[0, 0], fgs[0])
+        assert torch.equal(edited.masks[0, 0], masks[0])
+        mask = edited.masks[0, 1] > 0.5
+        colours.append(layer_colour_name(edited.foregrounds[0, 1], mask) if mask.any() else "none")
+    assert colours.count("yellow") >= len(EDIT_SEEDS) - 1, colours
+
+
+def generate_layers(patched, clip, vae, modules, foregrounds, background, seed, latent=None):
+    """Prompts -> layers (Split Layers output) with the toy settings; ``latent``: start from it (an edit)."""
+    positive, negative, n, _ = ld.node("LayerDiffPromptEncode").encode(
+        clip, " and ".join(foregrounds) + f" on {background}", background, "\n".join(foregrounds), "")
+    positive, negative = ld.node("LayerDiffEnhancePrompts").enhance(modules, positive, negative)
+    _, out = ld.sample(patched, positive, negative, latent or ld.empty_latent(n, size=64), steps=STEPS, cfg=5.0,
+                       smg_scale=0.0, seed=seed)
+    (images,) = ld.core_node("VAEDecode", vae=vae, samples=out)
+    return ld.node("LayerDiffSplitLayers").split(images, out)[0]

@@ -144,3 +144,22 @@ def test_bad_layer_choices_are_refused_with_the_fix(tiny, layers, keep_masks, ma
 def test_a_latent_without_layers_is_refused(tiny):
     with pytest.raises(Exception, match="not a layered latent"):
         regenerate({"samples": torch.zeros(5, 4, 8, 6)}, "1")
+
+
+def test_a_noise_mask_set_before_redraws_only_that_region_of_the_chosen_layer(tiny):
+    """Set Latent Noise Mask (core) on the left half, then Regenerate Layers '2': only the left half of layer 2
+    changes; a mask per slot row that does not fit is refused."""
+    model, clip, _ = tiny
+    latent, _ = encoded(tiny)
+    left = torch.zeros(1, H, W)
+    left[..., : W // 2] = 1.0
+    masked = core_node("SetLatentNoiseMask", samples=latent, mask=left)[0]
+    pos, neg, _ = encode(clip, ["a cat", "a red ball"])
+    out = sample(model, pos, neg, regenerate(masked, "2", keep_masks=True), steps=3, seed=3)[0]
+    before, half = latent["samples"], (W // 8) // 2
+    assert torch.equal(out[[0, 1, 3, 4]], before[[0, 1, 3, 4]])
+    change = (out[2] - before[2]).abs()
+    assert change[..., :half].mean() > 0.1 * before[2].abs().mean()
+    assert change[..., half + 1:].mean() < 0.05 * change[..., :half].mean()  # the right half stays (up to the seam)
+    with pytest.raises(Exception, match="noise mask with 2 masks for 5 slot rows"):
+        regenerate(dict(latent, noise_mask=torch.ones(2, H, W)), "2")

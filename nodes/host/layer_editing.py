@@ -1,7 +1,8 @@
 """Host side of layer editing (docs/DESIGN.md 2.9): regenerate chosen layers with ComfyUI's own noise mask, keep the
 other slots exact, and give back the original pixels of layers that came in as images.
 
-- ``regenerate``: a per-row ``noise_mask`` (1 on the chosen layers' slot rows, 0 elsewhere). Every ComfyUI sampler
+- ``regenerate``: a per-row ``noise_mask`` (1 on the chosen layers' slot rows, 0 elsewhere; times a noise mask the
+  latent already had, e.g. from Set Latent Noise Mask, to redraw a region of a layer). Every ComfyUI sampler
   honours it (``KSamplerX0Inpaint``): at each step the kept rows are replaced by the original latent noised to the
   step's level, so the regenerated layers see the kept ones through inter-layer attention.
 - ``restore_kept_rows``: ComfyUI returns the kept rows only up to float rounding (the latent scale round trip and
@@ -39,10 +40,22 @@ def regenerate(latent: dict, layers: str, keep_masks: bool, node: str) -> dict:
                           "latent to the sampler directly with denoise below 1; or turn on 'keep_masks'.")
     samples = latent["samples"]
     rows, _, h, w = samples.shape
-    out = {k: v for k, v in latent.items() if k != "noise_mask"}
-    out["noise_mask"] = slot_row_mask(slots, n, rows, h, w).to(samples.device, samples.dtype)
+    mask = slot_row_mask(slots, n, rows, h, w).to(samples.device, samples.dtype)
+    if latent.get("noise_mask") is not None:  # e.g. Set Latent Noise Mask before: inpaint inside the chosen layers
+        mask = mask * _spatial_mask(latent["noise_mask"], rows, h, w, node).to(mask)
+    out = dict(latent, noise_mask=mask)
     out[inference.LATENT_KEY] = dict(info, **{EDIT_KEY: {"regenerate_slots": slots}})
     return out
+
+
+def _spatial_mask(noise_mask: torch.Tensor, rows: int, h: int, w: int, node: str) -> torch.Tensor:
+    """An existing noise mask ([H, W], [M, H, W] or [M, 1, H, W], any resolution) at latent size, one per row."""
+    m = noise_mask.reshape(-1, 1, noise_mask.shape[-2], noise_mask.shape[-1]).float()
+    m = torch.nn.functional.interpolate(m, size=(h, w), mode="bilinear")
+    if m.shape[0] not in (1, rows):
+        raise LayoutError(f"{node}: the latent already has a noise mask with {m.shape[0]} masks for {rows} slot "
+                          "rows; give one mask (it applies inside every chosen layer) or none.")
+    return m.expand(rows, -1, -1, -1)
 
 
 def restore_kept_rows(latent_in: dict, latent_out: dict) -> dict:

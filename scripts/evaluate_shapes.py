@@ -46,6 +46,7 @@ from comfy_headless.product import product_module, product_names  # noqa: E402
 
 LOG = logging.getLogger("evaluate_shapes")
 GUIDANCE = ("cfg", "smg", "sag")
+TRIVIAL = "trivial: the picture as background, no foreground (through the VAE)"
 RUN_KEYS = {"guidance": str, "smg_scale": float, "sag_scale": float, "count": int, "max_foregrounds": int,
             "enhancer_width": int, "decompose": str, "denoise": float, "strength": float}
 
@@ -167,7 +168,7 @@ def save_sheet(path: Path, rows: list) -> None:
     """One row per sample: background | fg_k, mask_k ... | composite."""
     from PIL import Image
 
-    compose = product_names("layerdiff_model.layers.compose", "compose")
+    compose, LayeredImages = product_names("layerdiff_model.layers.compose", "compose", "LayeredImages")
 
     tiles = []
     for layers in rows:
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
     headless.boot(comfy_root=args.comfyui or None)
     from layerdiff_toy import shapes_eval, toy_model  # after the boot: shapes_eval takes product modules
 
-    compose = product_names("layerdiff_model.layers.compose", "compose")
+    compose, LayeredImages = product_names("layerdiff_model.layers.compose", "compose", "LayeredImages")
 
     if args.toy_model:
         toy_model.register_toy_sd15()
@@ -209,6 +210,7 @@ def main(argv=None) -> int:
         LOG.info("decoded palette: %s", palette.as_dict())
     samples = [read_sample(f) for f in list_sample_folders(args.data)[:args.count]]
     truth_scores, vae_scores, truths, sheets = [], [], [], {run["name"]: [] for run in runs}
+    trivial_scores = []
     for i, sample in enumerate(samples):
         layers, truth = shapes_eval.truth_layers(sample)
         truths.append(truth)
@@ -223,6 +225,13 @@ def main(argv=None) -> int:
                     background_prompt=sample.background_prompt,
                     foreground_prompts="\n".join(sample.foreground_prompts), negative_prompt="")
         picture = compose(layers)  # the flat picture a decomposition starts from [1, H, W, 3]
+        if any(r.get("decompose") for r in runs):  # the trivial decomposition: all picture, no foreground
+            trivial = LayeredImages(picture, torch.full_like(layers.foregrounds, 0.5), torch.zeros_like(layers.masks))
+            with torch.no_grad():
+                trivial = vae_round_trip(node, vae, trivial, len(sample.foreground_prompts))
+            score = shapes_eval.score_sample(trivial, 0, truth, palette, layout_is_true=True)
+            score.details["composite_psnr_db"] = shapes_eval.psnr_db(compose(trivial), picture)
+            trivial_scores.append(score)
         for run in runs:
             if i >= run.get("count", len(samples)):
                 continue
@@ -265,6 +274,9 @@ def main(argv=None) -> int:
     table = shapes_eval.markdown_table(rows, times) + "\n\nLayer colour per prompt colour (right/layers):\n\n" + \
         shapes_eval.per_colour_table(rows)
     decompositions = {r["name"]: rows[r["name"]] for r in runs if r.get("decompose")}
+    if trivial_scores:
+        rows[TRIVIAL] = shapes_eval.summarize(trivial_scores)
+        decompositions = {TRIVIAL: rows[TRIVIAL], **decompositions}
     if decompositions:
         table += "\n\nDecomposition of the samples' composites:\n\n" + shapes_eval.decomposition_table(decompositions)
     if paired:

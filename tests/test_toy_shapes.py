@@ -194,6 +194,7 @@ def test_generate_save_psd_load_and_regenerate_layer_2_in_a_new_colour(toy_shape
         assert torch.equal(edited.masks[0, 0], masks[0])
         mask = edited.masks[0, 1] > 0.5
         colours.append(layer_colour_name(edited.foregrounds[0, 1], mask) if mask.any() else "none")
+    print(f"layer 2 after the edit, seeds {EDIT_SEEDS}: {colours}")
     assert colours.count("yellow") >= len(EDIT_SEEDS) - 1, colours
 
 

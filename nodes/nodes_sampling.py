@@ -106,8 +106,11 @@ class LayerDiffSMGSampler:
                 )
         check_foreground_count(n, state.modules.config.max_foregrounds, node)
         guided = inference.with_self_mask_guidance(model, smg_scale, smg_start_percent, smg_blur_sigma, node)
-        (out,) = comfy_nodes.common_ksampler(guided, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                             latent_image, denoise=denoise)
+        try:
+            (out,) = comfy_nodes.common_ksampler(guided, seed, steps, cfg, sampler_name, scheduler, positive,
+                                                 negative, latent_image, denoise=denoise)
+        finally:
+            state.prompt_kv.clear()  # the layer prompts' keys/values live for one run only
         names = inference.layers_of(positive, node, "positive").prompts
         out = layer_editing.restore_kept_rows(latent_image, dict(out))  # kept layers exactly as they came in
         out[inference.LATENT_KEY] = dict(info, layer_names=list(names))

@@ -226,3 +226,22 @@ def test_layer_prompt_keys_values_are_projected_once_per_sampling_run_with_the_s
         handle.remove()
     assert torch.equal(cached, uncached)
     assert projections_cached <= 2 < len(calls)  # cond+uncond batch and the SMG uncond pass, vs every call
+
+
+def test_no_prompt_keys_values_outlive_a_sampling_run(tiny):
+    """The cache is emptied when a run ends: by the LayerDiff SMG KSampler on every host, and on 0.3.x (which has
+    a ModelPatcher cleanup callback) after any core sampler too; the 2024 host keeps at most its few entries."""
+    model, clip, _ = tiny
+    a = adapter()
+    patched = a.apply_patch(model, tiny_modules(model, random=True, seed=5), "test")
+    state = a.patch_state(patched, "test")
+    pos, neg, n = encode(clip, ["a red circle"])
+    latent = empty_latent(n)
+    sample(patched, pos, neg, latent, steps=2)
+    assert len(state.prompt_kv) == 0
+    _core_ksampler(patched, pos, neg, latent)
+    has_cleanup_callback = package_module("nodes.host.compat").on_sampling_done(model.clone(), lambda: None)
+    if has_cleanup_callback:
+        assert len(state.prompt_kv) == 0
+    else:
+        assert 0 < len(state.prompt_kv) <= state.prompt_kv.max_entries

@@ -60,3 +60,14 @@ def set_control_hint(control, hint, strength: float, percent_range: tuple[float,
     if vae is not None and "vae" in inspect.signature(control.set_cond_hint).parameters:
         return control.set_cond_hint(hint, strength, percent_range, vae=vae)
     return control.set_cond_hint(hint, strength, percent_range)
+
+
+def on_sampling_done(model, callback) -> bool:
+    """Have ``callback()`` called when a sampling run with ``model`` (a ModelPatcher) ends: the ON_CLEANUP callback
+    of 0.3.x. Returns False where this ComfyUI has no such callback (2024)."""
+    try:
+        from comfy.patcher_extension import CallbacksMP
+    except ImportError:  # 2024
+        return False
+    model.add_callback(CallbacksMP.ON_CLEANUP, lambda patcher: callback())
+    return True

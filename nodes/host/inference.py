@@ -284,6 +284,7 @@ def apply_patch(model, modules: LayerDiffModules, node: str, inter: bool = True,
         inner = functools.partial(type(patched.model).apply_model, patched.model)
     patched.add_object_patch("apply_model", LayeredApplyModel(state, inner))
     patched.model_options["transformer_options"][PATCH_KEY] = state
+    compat.on_sampling_done(patched, state.prompt_kv.clear)  # no prompt keys/values outlive a run (0.3.x)
     return patched
 
 

@@ -53,6 +53,13 @@ def sample(model, positive, negative, latent, steps=3, cfg=5.0, smg_scale=0.0, s
     return out["samples"], out
 
 
+def core_ksampler(model, positive, negative, latent, steps=3, cfg=5.0, seed=7, denoise=1.0):
+    """The core KSampler node (euler, normal) with the settings of :func:`sample`; returns (samples, LATENT)."""
+    out = core_node("KSampler", model=model, seed=seed, steps=steps, cfg=cfg, sampler_name="euler",
+                    scheduler="normal", positive=positive, negative=negative, latent_image=latent, denoise=denoise)[0]
+    return out["samples"], out
+
+
 def core_node(name: str, **inputs) -> tuple:
     """Run the core ComfyUI node ``name`` (its node id) with keyword inputs; returns its outputs as a tuple
     (classic and 0.3.x V3 nodes alike)."""

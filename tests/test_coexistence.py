@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import comfy_host
-from layerdiff_host import adapter, core_node, encode, node, package_module, sample, tiny_model, tiny_modules
+from layerdiff_host import (adapter, core_ksampler, core_node, encode, node, package_module, sample, tiny_model,
+                            tiny_modules)
 
 SAG_SIZE = 128  # SAG in 0.3.64 crashes when the middle block is 1x1 (docs/DESIGN.md 4): >= 128 px for the tiny UNet
 
@@ -30,11 +31,6 @@ def modules(tiny):
 
 def _latent(foregrounds, size=64, batch=1):
     return node("LayerDiffEmptyLatent").generate(size, size, foregrounds, batch)[0]
-
-
-def _core_ksampler(model, positive, negative, latent, steps=3, cfg=5.0, seed=7):
-    import nodes
-    return nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)[0]["samples"]
 
 
 def _differs(a, b, tol=1e-4):
@@ -125,7 +121,7 @@ def test_our_patch_composes_with_another_extensions_patch_in_either_order(tiny, 
     steps = 2
 
     theirs_only_model, theirs_only_calls = apply_theirs(model, sites)
-    theirs_only = _core_ksampler(theirs_only_model, pos, neg, latent, steps=steps)
+    theirs_only = core_ksampler(theirs_only_model, pos, neg, latent, steps=steps)[0]
     assert theirs_only_calls() >= steps
     ours_only, _ = sample(a.apply_patch(model, modules, "test"), pos, neg, latent, steps=steps)
 
@@ -206,13 +202,13 @@ def test_loading_and_using_our_package_replaces_nothing_in_comfyui(comfyui, tiny
     plain_pos = nodes.CLIPTextEncode().encode(clip, "a red circle")[0]
     plain_neg = nodes.CLIPTextEncode().encode(clip, "bad")[0]
     plain_latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
-    base_before = _core_ksampler(model, plain_pos, plain_neg, plain_latent)
+    base_before = core_ksampler(model, plain_pos, plain_neg, plain_latent)[0]
     pos, neg, n = encode(clip, ["a red circle"])
     sample(adapter().apply_patch(model, modules, "test"), pos, neg, _latent(n), smg_scale=0.5, smg_start_percent=0.0)
     after = {name: value for m in mods for name, value in _attributes_of(m)}
     swapped = [name for name in before if after.get(name) is not before[name]]
     assert not swapped, f"ComfyUI attributes swapped while sampling with LayerDiff: {swapped[:5]}"
-    assert torch.equal(_core_ksampler(model, plain_pos, plain_neg, plain_latent), base_before)
+    assert torch.equal(core_ksampler(model, plain_pos, plain_neg, plain_latent)[0], base_before)
 
 
 # ------------------------------------------------------------------------------------------ 2. any SD1.5 checkpoint
@@ -489,5 +485,5 @@ def test_native_half_precision_unet(tiny, modules, dtype):
     assert seen == {(dtype, dtype)}  # our layer attention computes in the UNet's dtype
     assert {p.dtype for p in modules.parameters()} == {torch.float32}  # the loader's modules are untouched
     assert {p.dtype for p in a.patch_state(patched, "test").modules.parameters()} == {dtype}  # stored like the UNet
-    plain = _core_ksampler(model, pos, neg, latent)
+    plain = core_ksampler(model, pos, neg, latent)[0]
     assert _differs(out, plain, tol=1e-3)

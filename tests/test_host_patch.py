@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import comfy_host
-from layerdiff_host import adapter, empty_latent, encode, package_module, sample, tiny_model, tiny_modules
+from layerdiff_host import (adapter, core_ksampler, empty_latent, encode, package_module, sample, tiny_model,
+                            tiny_modules)
 
 
 @pytest.fixture(scope="module")
@@ -17,16 +18,11 @@ def random_patched(tiny):
     return adapter().apply_patch(model, tiny_modules(model, random=True), "test")
 
 
-def _core_ksampler(model, positive, negative, latent, steps=3, cfg=5.0, seed=7):
-    import nodes
-    return nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)[0]["samples"]
-
-
 def test_zero_initialised_patch_reproduces_the_base_model_exactly(tiny):
     model, clip, _ = tiny
     pos, neg, n = encode(clip, ["a red circle", "a blue square"])
     latent = empty_latent(n, batch=2)
-    base = _core_ksampler(model, pos, neg, latent)
+    base = core_ksampler(model, pos, neg, latent)[0]
     patched = adapter().apply_patch(model, tiny_modules(model, random=False), "test")
     out, _ = sample(patched, pos, neg, latent)
     assert torch.equal(out, base)
@@ -36,11 +32,11 @@ def test_patch_changes_output_and_leaves_input_model_untouched(tiny, random_patc
     model, clip, _ = tiny
     pos, neg, n = encode(clip, ["a red circle"])
     latent = empty_latent(n)
-    before = _core_ksampler(model, pos, neg, latent)
+    before = core_ksampler(model, pos, neg, latent)[0]
     out, _ = sample(random_patched, pos, neg, latent)
     assert (out - before).abs().max() > 1e-3
     assert not adapter().is_patched(model)
-    assert torch.equal(_core_ksampler(model, pos, neg, latent), before)
+    assert torch.equal(core_ksampler(model, pos, neg, latent)[0], before)
 
 
 def _slots_after_prompt_change(model, clip, inter: bool):
@@ -124,7 +120,7 @@ def test_smg_scale_zero_is_exactly_cfg_and_the_foregrounds_change_more_as_the_sc
     _, clip, _ = tiny
     pos, neg, n = encode(clip, ["a red circle", "a blue square"])
     latent = empty_latent(n)
-    cfg_only = _core_ksampler(random_patched, pos, neg, latent)
+    cfg_only = core_ksampler(random_patched, pos, neg, latent)[0]
     smg0, _ = sample(random_patched, pos, neg, latent, smg_scale=0.0)
     assert torch.equal(smg0, cfg_only)
     fg, others = [1, 2], [0, 3, 4]  # [bg, fg1, fg2, m1, m2]
@@ -146,7 +142,7 @@ def test_smg_changes_the_foregrounds_only_inside_their_masks(tiny, random_patche
     _, clip, _ = tiny
     pos, neg, n = encode(clip, ["a red circle", "a blue square"])
     latent = empty_latent(n)
-    cfg_only = _core_ksampler(random_patched, pos, neg, latent)
+    cfg_only = core_ksampler(random_patched, pos, neg, latent)[0]
     guided = dict(smg_scale=0.5, smg_start_percent=0.0)
     unblurred, _ = sample(random_patched, pos, neg, latent, smg_blur_sigma=0.0, **guided)
     torch.testing.assert_close(unblurred, cfg_only, rtol=0, atol=1e-2)  # measured 1.2e-4; values reach ~300
@@ -239,7 +235,7 @@ def test_no_prompt_keys_values_outlive_a_sampling_run(tiny):
     latent = empty_latent(n)
     sample(patched, pos, neg, latent, steps=2)
     assert len(state.prompt_kv) == 0
-    _core_ksampler(patched, pos, neg, latent)
+    core_ksampler(patched, pos, neg, latent)
     has_cleanup_callback = package_module("nodes.host.compat").on_sampling_done(model.clone(), lambda: None)
     if has_cleanup_callback:
         assert len(state.prompt_kv) == 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import comfy_host
-from layerdiff_host import core_node, encode, node, package_module, sample, tiny_model, tiny_modules
+from layerdiff_host import core_ksampler, core_node, encode, node, package_module, sample, tiny_model, tiny_modules
 
 SIZE = 64
 
@@ -33,8 +33,7 @@ def run(model, pos, neg, n, sampler="smg"):
     latent = node("LayerDiffEmptyLatent").generate(SIZE, SIZE, n, 1)[0]
     if sampler == "smg":
         return sample(model, pos, neg, latent, steps=3, seed=4)[0]
-    return core_node("KSampler", model=model, seed=4, steps=3, cfg=5.0, sampler_name="euler", scheduler="normal",
-                     positive=pos, negative=neg, latent_image=latent, denoise=1.0)[0]["samples"]
+    return core_ksampler(model, pos, neg, latent, seed=4)[0]
 
 
 @pytest.mark.parametrize("sampler", ["smg", "core"])

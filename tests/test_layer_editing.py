@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerdiff_host import core_node, encode, node, sample, tiny_model, tiny_modules
+from layerdiff_host import core_ksampler, core_node, encode, node, sample, tiny_model, tiny_modules
 
 H, W = 64, 48
 
@@ -39,11 +39,6 @@ def regenerate(latent, layers="2", keep_masks=False):
     return node("LayerDiffRegenerateLayers").regenerate(latent, layers, keep_masks)[0]
 
 
-def core_ksampler(model, pos, neg, latent, seed=3, denoise=1.0, steps=3):
-    return core_node("KSampler", model=model, seed=seed, steps=steps, cfg=5.0, sampler_name="euler",
-                     scheduler="normal", positive=pos, negative=neg, latent_image=latent, denoise=denoise)[0]
-
-
 ROWS = {"2": [2, 4], "1,2": [1, 2, 3, 4], "background": [0]}  # slots: bg, fg1, fg2, mask1, mask2
 
 
@@ -58,7 +53,7 @@ def test_regenerated_layers_change_and_the_others_stay_fixed(tiny, which, sample
     if sampler == "smg":
         out = sample(model, pos, neg, edit, steps=3, seed=3, smg_scale=0.5, smg_start_percent=0.0)[1]
     else:
-        out = core_ksampler(model, pos, neg, edit)
+        out = core_ksampler(model, pos, neg, edit, seed=3)[1]
     before, after = latent["samples"], out["samples"]
     chosen = ROWS[which]
     kept = [r for r in range(5) if r not in chosen]
@@ -77,7 +72,7 @@ def test_kept_layers_keep_their_original_pixels_through_decode_and_split(tiny):
     latent, layers_in = encoded(tiny)
     pos, neg, _ = encode(clip, ["a cat", "a red ball"])
     for out in (sample(model, pos, neg, regenerate(latent, "2"), steps=3, seed=3)[1],
-                core_ksampler(model, pos, neg, regenerate(latent, "2"))):
+                core_ksampler(model, pos, neg, regenerate(latent, "2"), seed=3)[1]):
         images = core_node("VAEDecode", vae=vae, samples=out)[0]
         layers = node("LayerDiffSplitLayers").split(images, out)[0]
         assert torch.equal(layers.background, layers_in.background)

@@ -73,10 +73,5 @@ def with_composite_guidance(model, latent: dict, strength: float, start_percent:
     rows = latent["samples"].shape[0] // num_slots(int(info["num_foregrounds"]))
     if picture.shape[0] not in (1, rows):
         raise LayoutError(f"{node}: the picture latent has {picture.shape[0]} pictures for {rows} layered images.")
-    patched = model.clone()
-    if strength == 0:
-        return patched
-    sigma_start = float(model.model.model_sampling.percent_to_sigma(start_percent))
-    patched.set_model_sampler_post_cfg_function(CompositeGuidance(state, picture, strength, sigma_start),
-                                                disable_cfg1_optimization=True)
-    return patched
+    return inference.with_post_cfg_guidance(
+        model, strength, start_percent, lambda sigma_start: CompositeGuidance(state, picture, strength, sigma_start))

@@ -406,12 +406,18 @@ class SelfMaskGuidance:
 def with_self_mask_guidance(model, scale: float, start_percent: float, blur_sigma: float, node: str):
     """Clone of a LayerDiff-patched model with SMG installed; scale 0 returns a plain clone (exact CFG)."""
     state = patch_state(model, node)
+    return with_post_cfg_guidance(model, scale, start_percent,
+                                  lambda sigma_start: SelfMaskGuidance(state, scale, sigma_start, blur_sigma))
+
+
+def with_post_cfg_guidance(model, strength: float, start_percent: float, make_guidance):
+    """Clone of ``model`` with the post-CFG function ``make_guidance(sigma_start)`` (``sigma_start``: the sigma of
+    ``start_percent``), run with the uncond branch even at CFG 1; ``strength`` 0 returns a plain clone."""
     patched = model.clone()
-    if scale == 0:
+    if strength == 0:
         return patched
     sigma_start = float(model.model.model_sampling.percent_to_sigma(start_percent))
-    patched.set_model_sampler_post_cfg_function(SelfMaskGuidance(state, scale, sigma_start, blur_sigma),
-                                                disable_cfg1_optimization=True)
+    patched.set_model_sampler_post_cfg_function(make_guidance(sigma_start), disable_cfg1_optimization=True)
     return patched
 
 

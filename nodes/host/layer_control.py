@@ -28,11 +28,12 @@ class SlotMaskedControl(comfy.controlnet.ControlBase):
         self.inner, self.slots, self.slots_per_sample = inner, list(slots), slots_per_sample
         self.extra_hooks = getattr(inner, "extra_hooks", None)  # 0.3.x reads it along the previous_controlnet chain
 
-    def _row_mask(self, rows: int, device, dtype) -> torch.Tensor:
+    def _row_mask(self, rows: int, device) -> torch.Tensor:
+        """Bool [rows, 1, 1, 1]: True on the chosen slots' rows (row r is slot r % S)."""
         slot = torch.arange(rows, device=device) % self.slots_per_sample
         chosen = torch.zeros(self.slots_per_sample, dtype=torch.bool, device=device)
         chosen[self.slots] = True
-        return chosen[slot].to(dtype)[:, None, None, None]
+        return chosen[slot][:, None, None, None]
 
     def get_control(self, x_noisy, t, cond, batched_number, *args, **kwargs):
         own = self.inner.get_control(x_noisy, t, cond, batched_number, *args, **kwargs)
@@ -41,8 +42,9 @@ class SlotMaskedControl(comfy.controlnet.ControlBase):
             prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, *args, **kwargs)
         if own is None:
             return prev
-        masked = {key: [None if x is None else x * self._row_mask(x.shape[0], x.device, x.dtype)
-                        for x in own.get(key, [])] for key in CONTROL_KEYS}
+        rows = self._row_mask(x_noisy.shape[0], x_noisy.device)  # every residual has the batch's rows
+        masked = {key: [None if x is None else x * rows.to(x.device, x.dtype) for x in own.get(key, [])]
+                  for key in CONTROL_KEYS}
         return masked if prev is None else _merge(masked, prev)
 
     def pre_run(self, model, percent_to_timestep_function):

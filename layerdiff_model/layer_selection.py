@@ -35,13 +35,13 @@ def parse_layer_selection(text: str, num_foregrounds: int, node: str, input_name
             raise LayoutError(f"{node}: '{input_name}' has {part!r}, which is not a layer. Name layers by number, "
                               f"top layer first (1..{num_foregrounds}), or 'background'; e.g. '2', '1,3', "
                               "'background'.") from None
-        for k in range(first, last + 1) if first <= last else ():
+        if first > last:
+            raise LayoutError(f"{node}: '{input_name}' has the range {part!r}; write it low-high, e.g. '1-2'.")
+        for k in range(first, last + 1):
             if not 1 <= k <= num_foregrounds:
                 raise LayoutError(f"{node}: '{input_name}' asks for layer {k} but {source} has {num_foregrounds} "
                                   f"foreground layer(s); use 1..{num_foregrounds} (1 = top) or 'background'.")
             picked.add(k)
-        if first > last:
-            raise LayoutError(f"{node}: '{input_name}' has the range {part!r}; write it low-high, e.g. '1-2'.")
     if not picked:
         raise LayoutError(f"{node}: '{input_name}' is empty; name the layers to change, e.g. '2', '1,3' or "
                           "'background'.")

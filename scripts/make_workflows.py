@@ -92,15 +92,8 @@ def build(spec: dict, mappings: dict) -> dict:
 
 
 def text_to_layers(foregrounds: list[str], global_prompt: str, background: str, about: str) -> dict:
-    return {"about": about, "nodes": {
-        1: ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, (0, 0)),
-        2: ("LayerDiffLoadWeights", {"weights_name": "layerdiff_sd15.safetensors"}, (0, 200)),
-        3: ("LayerDiffApply", {"model": [1, 0], "layerdiff": [2, 0]}, (380, 0)),
-        4: ("LayerDiffPromptEncode", {"clip": [1, 1], "global_prompt": global_prompt, "background_prompt": background,
-                                      "foreground_prompts": "\n".join(foregrounds),
-                                      "negative_prompt": "blurry, low quality, deformed", "layer_negative_prompt": ""},
-            (0, 350)),
-        5: ("LayerDiffEnhancePrompts", {"layerdiff": [2, 0], "positive": [4, 0], "negative": [4, 1]}, (450, 350)),
+    nodes = _model_and_prompts(global_prompt, background, foregrounds)
+    nodes.update({
         6: ("LayerDiffEmptyLatent", {"width": 512, "height": 512, "foregrounds": [4, 2],
                                      "foregrounds__value": len(foregrounds), "batch_size": 1}, (450, 550)),
         7: ("LayerDiffSMGSampler", {"model": [3, 0], "seed": 42, "steps": 25, "cfg": 7.0, "sampler_name": "dpmpp_2m",
@@ -113,7 +106,8 @@ def text_to_layers(foregrounds: list[str], global_prompt: str, background: str, 
         12: ("PreviewImage", {"images": [9, 4]}, (1500, 300)),
         13: ("LayerDiffSaveLayers", {"layers": [9, 0], "filename_prefix": "LayerDiff/layers", "layered_file": "psd"},
              (1850, 350)),
-    }}
+    })
+    return {"about": about, "nodes": nodes}
 
 
 TOY_NOTE = ("With the bundled toy shapes model (bash scripts/generate.sh assembles it into .cache/toy_shapes; copy "

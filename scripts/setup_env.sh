@@ -41,7 +41,7 @@ else
     "${PIP[@]}" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
 
-REQ_HASH="$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)"
+REQ_HASH="$(cat requirements.txt requirements-dataset.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)"
 HASH_FILE="$VENV/.layerdiff-req-hash"
 if [[ -f "$HASH_FILE" && "$(cat "$HASH_FILE")" == "$REQ_HASH" ]]; then
     step "requirements up to date"

@@ -195,3 +195,61 @@ def test_constructed_shards_train_the_toy_model(tmp_path, tiny_sd15):
         lr=1e-3, seed=3, toy_model=True, enhancer_width=32, checkpoint_every=0, log_every=1, progress=False))
     assert result["finished"] and result["step"] == 2 and result["skipped"] == 0, result
     assert np.isfinite(result["loss"]) and (tmp_path / "m.safetensors").is_file()
+
+
+def test_layered_files_command_imports_psd_and_ora_and_counts_rejects(tmp_path):
+    files = package_module("layerdiff_model.layers.layered_files")
+    folder = tmp_path / "files"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    wall = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    car = np.zeros((64, 80, 4), np.uint8)
+    car[10:30, 20:50] = (200, 30, 30, 255)
+    composite = wall.copy()
+    composite[10:30, 20:50] = (200, 30, 30)
+    files.write_psd(folder / "street.psd", [("a red car", car)], ("a city street", wall), composite)
+    files.write_ora(folder / "again.ora", [("a red car", car)], ("a city street", wall), composite)
+    files.write_psd(folder / "plain.psd", [("Layer 1", car)], ("Background", wall), composite)  # default names
+    (folder / "broken.psd").write_bytes((folder / "street.psd").read_bytes()[:300])
+    out = tmp_path / "out"
+    build(["layered-files", str(folder), "--out", str(out), "--no-progress", "--device", "cpu"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["samples"] == 2 and report["rejects"] == {"default-layer-names": 1, "unreadable": 1}, report
+    samples = {s.key: s for s in package_module("layerdiff_model.data.shards").iter_shard_samples(
+        sorted(out.glob("*.tar")))}
+    assert set(samples) == {"street", "again"}
+    for s in samples.values():
+        assert s.foreground_prompts == ["a red car"] and s.background_prompt == "a city street"
+        assert s.global_prompt == "a red car in front of a city street"
+        assert int(s.masks.sum()) == 20 * 30
+        assert np.array_equal((s.composed().permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), composite)
+
+
+def test_cutouts_command_composes_deterministic_samples_split_over_units(tmp_path):
+    cut, bg = tmp_path / "cutouts", tmp_path / "backgrounds"
+    cut.mkdir()
+    bg.mkdir()
+    for name, colour in (("red_apple", (220, 30, 30)), ("green_pear", (30, 200, 30))):
+        rgba = np.zeros((40, 30, 4), np.uint8)
+        rgba[5:35, 5:25] = (*colour, 255)
+        Image.fromarray(rgba).save(cut / f"{name}.png")
+    Image.fromarray(np.full((40, 30, 3), 9, np.uint8)).save(cut / "no_alpha.jpg")  # skipped: no alpha
+    Image.fromarray(np.full((96, 128, 3), 120, np.uint8)).save(bg / "kitchen.png")
+    (bg / "kitchen.txt").write_text("a wooden kitchen table")
+    args = ["cutouts", "--cutouts", str(cut), "--backgrounds", str(bg), "--count", "5", "--size", "64", "--seed",
+            "3", "--samples-per-unit", "2", "--no-progress", "--device", "cpu", "--max-foregrounds", "2"]
+    build(args + ["--out", str(tmp_path / "a")])
+    build(args + ["--out", str(tmp_path / "b")])
+    shards = package_module("layerdiff_model.data.shards")
+    a = list(shards.iter_shard_samples(sorted((tmp_path / "a").glob("*.tar"))))
+    b = list(shards.iter_shard_samples(sorted((tmp_path / "b").glob("*.tar"))))
+    assert len(sorted((tmp_path / "a").glob("*.tar"))) == 3 and len(a) == 5
+    assert [s.key for s in a] == [f"cutout{i:08d}" for i in range(5)]
+    for x, y in zip(a, b):
+        assert x.foreground_prompts == y.foreground_prompts and bool((x.masks == y.masks).all())
+    for s in a:
+        assert set(s.foreground_prompts) <= {"red apple", "green pear"} and s.background_prompt == \
+            "a wooden kitchen table"
+        assert "in front of a wooden kitchen table" in s.global_prompt
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["samples"] == 5 and sum(report["rejects"].values()) == 1, report

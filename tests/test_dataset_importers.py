@@ -214,9 +214,13 @@ def test_default_layer_names_are_captioned_or_the_file_is_rejected(tmp_path):
     blob[0, 0, 3] = blob[-1, -1, 3] = 255  # the bounding box is the whole 12x10 layer
     layers = [("a blob", blob, 3, 4), ("Layer 2", blob, 30, 40)]
     path = psd_file(tmp_path / "defaults.psd", ("Background", wall), layers)
-    with pytest.raises(imp.ImportRejected, match=r"defaults.psd: .*'Layer 2', 'Background'.* rename") as info:
+    with pytest.raises(imp.ImportRejected, match=r"defaults.psd: .*'Layer 2' are .* rename") as info:
         imp.import_layered_file(path, key="d")
     assert info.value.reason == "default-layer-names" and isinstance(info.value, errors.DatasetError)
+    only_background = psd_file(tmp_path / "bg.psd", ("Background", wall), layers[:1])  # the usual Photoshop file
+    sample = imp.import_layered_file(only_background, key="bg")
+    assert sample.background_prompt == "a background" and sample.foreground_prompts == ["a blob"]
+    assert sample.meta["import"]["generic_background_prompt"] is True
 
     captioner = StandInCaptioner()
     sample = imp.import_layered_file(path, key="d", captioner=captioner)

@@ -13,7 +13,8 @@ Rules (docs/DATASET.md):
   >= 128 (the :data:`MASK_THRESHOLD`); prompt = the name with whitespace collapsed.
 - A name that is an editor default ("Layer 3", "Layer 3 copy", "Ebene 2", "Calque 1", "Background", "Group 1",
   ...; :func:`is_default_layer_name`) is no prompt: with a captioner the layer's crop (its bounding box, RGB over
-  grey) is captioned instead; without one the file is rejected (``"default-layer-names"``).
+  grey) is captioned instead; without one the file is rejected (``"default-layer-names"``), except for the bottom
+  layer, whose prompt becomes "a background" (Photoshop names nearly every bottom layer "Background").
 - Global prompt: the captioner's caption of the visible composite, else
   :func:`.prompts.global_prompt_from_layers`.
 - Rejected files raise :class:`ImportRejected` with a stable ``reason`` code (see :data:`REJECT_REASONS`).
@@ -38,6 +39,7 @@ from .prompts import clean_prompt, global_prompt_from_layers
 
 MASK_THRESHOLD = 128  # alpha >= 128 (of 255) is inside a layer's mask
 GREY = 0.5  # foreground RGB outside the mask
+GENERIC_BACKGROUND_PROMPT = "a background"  # for a bottom layer with an editor-default name and no captioner
 LAYERED_SUFFIXES = (".psd", ".ora")
 REJECT_REASONS = ("unreadable", "not-layered-file", "unsupported-colour-mode", "too-small", "no-layers",
                   "only-background", "too-many-layers", "default-layer-names", "empty-caption")
@@ -194,6 +196,10 @@ def import_layered_file(path, *, key: str, captioner=None, max_foregrounds: int 
     background = _opaque_background(bg_rgba)
     names = [clean_prompt(name) for name, _ in fg_entries] + [clean_prompt(bg_name)]
     defaults = [i for i, name in enumerate(names) if is_default_layer_name(name)]
+    if captioner is None and defaults and defaults[-1] == len(names) - 1:
+        # Photoshop calls nearly every bottom layer "Background": without a captioner it is just the background
+        names[-1], defaults = GENERIC_BACKGROUND_PROMPT, defaults[:-1]
+        stats["generic_background_prompt"] = True
     if defaults and captioner is None:
         listed = ", ".join(repr(names[i] or "(no name)") for i in defaults)
         raise _reject("default-layer-names", path, f"layer names {listed} are editor defaults, not prompts: "

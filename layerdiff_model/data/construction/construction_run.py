@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -64,7 +65,13 @@ def build_units(units: Sequence, out_dir: str | Path, samples_of: Callable[[obje
             log.info("unit %s is done already: skipped", unit.name)
             continue
         report = RunReport()
-        write_unit(out_dir, unit.name, samples_of(unit, report), report)
+        start = time.perf_counter()
+
+        def timed(samples, report=report, start=start):
+            yield from samples
+            report.wall_seconds = time.perf_counter() - start  # before the marker is written
+
+        write_unit(out_dir, unit.name, timed(samples_of(unit, report)), report)
         total.add(report)
         write_folder_report(out_dir)
     return total

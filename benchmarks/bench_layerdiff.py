@@ -122,6 +122,14 @@ def interleaved(fns: dict, repeats: int, device: str) -> dict:
                 "peak": max(v["peak"]) if v["peak"][0] is not None else None} for k, v in results.items()}
 
 
+def core_sag(model):
+    """``model`` through ComfyUI's own Self-Attention Guidance node (scale 0.5, blur 2), or None when absent."""
+    import nodes
+
+    sag = nodes.NODE_CLASS_MAPPINGS.get("SelfAttentionGuidance")
+    return None if sag is None else sag().patch(model, 0.5, 2.0)[0]
+
+
 def _child_peak_rss(argv, side: str) -> int:
     import subprocess
     cmd = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]),
@@ -211,15 +219,28 @@ def main(argv=None) -> int:
     smg_every = adapter.with_self_mask_guidance(patched, 0.5, 0.0, 2.0, "benchmark")
     smg_default = adapter.with_self_mask_guidance(patched, 0.5, 0.2, 2.0, "benchmark")
     nothing = {"time": None, "peak": None}
-    sample_times = {"cfg": nothing, "smg_every_step": nothing, "smg_default_warmup": nothing}
+    sample_times = {"cfg": nothing, "smg_every_step": nothing, "smg_default_warmup": nothing, "sag": nothing}
     if not args.no_sampling:
         samplers = {"cfg": sampling(patched), "smg_every_step": sampling(smg_every),
                     "smg_default_warmup": sampling(smg_default)}
-        sample_times = interleaved(samplers, max(2, args.repeats // 2), device)
+        sag = core_sag(patched)
+        if sag is not None:
+            samplers["sag"] = sampling(sag)
+        sample_times.update(interleaved(samplers, max(2, args.repeats // 2), device))
         flops.update({f"sampling_{k}": counted_flops(fn) for k, fn in samplers.items()})
+
+    # the layer prompt enhancer runs once per sampling run, on the conditioning (LayerDiff Enhance Layer Prompts)
+    def enhance_once():
+        with torch.inference_mode():
+            adapter.enhance(pos, modules, "benchmark")
+            adapter.enhance(neg, modules, "benchmark")
+    enhance_once()
+    enhancer_time = statistics.median(timed(enhance_once, device)[0] for _ in range(args.repeats))
+    flops["enhancer"] = counted_flops(enhance_once)
 
     unet_params = sum(p.numel() for p in base.model.diffusion_model.parameters())
     module_params = sum(p.numel() for p in modules.parameters())
+    enhancer_params = sum(p.numel() for p in modules.enhancer.parameters()) if modules.enhancer is not None else 0
     rows_out = [
         ("UNet forward time (s)", forward["sd15"]["time"], forward["layerdiff"]["time"], 1.15),
         ("UNet forward GFLOPs (counted), first step", flops["sd15"] / 1e9, flops["layerdiff_first"] / 1e9, 1.15),
@@ -230,8 +251,18 @@ def main(argv=None) -> int:
         ("sampling time, SMG after 20% warm-up vs CFG (s)", sample_times["cfg"]["time"],
          sample_times["smg_default_warmup"]["time"], 1.5),
     ]
+    rows_out += [
+        ("sampling time, ComfyUI SAG node vs CFG (s)", sample_times["cfg"]["time"], sample_times["sag"]["time"],
+         None),
+        ("prompt enhancer, once per run, vs a CFG run (s)", sample_times["cfg"]["time"],
+         sample_times["cfg"]["time"] and sample_times["cfg"]["time"] + enhancer_time, None),
+    ]
     if "sampling_cfg" in flops:
         rows_out += [
+            ("sampling GFLOPs, ComfyUI SAG node vs CFG", flops["sampling_cfg"] / 1e9,
+             flops["sampling_sag"] / 1e9 if "sampling_sag" in flops else None, None),
+            ("prompt enhancer GFLOPs, once per run, vs a CFG run", flops["sampling_cfg"] / 1e9,
+             (flops["sampling_cfg"] + flops["enhancer"]) / 1e9, None),
             ("sampling GFLOPs, SMG every step vs CFG", flops["sampling_cfg"] / 1e9,
              flops["sampling_smg_every_step"] / 1e9, 1.5),
             ("sampling GFLOPs, SMG after 20% warm-up vs CFG", flops["sampling_cfg"] / 1e9,
@@ -239,25 +270,29 @@ def main(argv=None) -> int:
         ]
     print(f"\nLayerDiff benchmark: device {device}, {args.dtype}, {resolution}x{resolution}, batch {args.batch} x "
           f"{n} foregrounds = {rows} slots, {args.steps} sampling steps, median of {args.repeats}")
-    print(f"parameters: SD1.5 UNet {unet_params / 1e6:.1f}M, LayerDiff modules {module_params / 1e6:.1f}M")
+    print(f"parameters: SD1.5 UNet {unet_params / 1e6:.1f}M, LayerDiff modules {module_params / 1e6:.1f}M "
+          f"(of which prompt enhancer {enhancer_params / 1e6:.1f}M): {module_params * 2 / 2**20:.0f} MiB of extra "
+          f"weights in fp16, {module_params * 4 / 2**20:.0f} MiB in fp32")
     print("times: median wall clock of interleaved repeats (sensitive to machine load); GFLOPs: counted by "
           "torch.utils.flop_counter (load-independent); forward times are steady-state steps")
     print(f"{'metric':56s} {'baseline':>10s} {'LayerDiff':>10s} {'ratio':>7s} {'target':>7s}")
     results = []
     for name, a, b, target in rows_out:
+        target_text = f"{target:6.2f}x" if target else f"{'-':>7s}"
         if a is None or b is None:
-            print(f"{name:56s} {'n/a':>10s} {'n/a':>10s} {'':>7s} {target:>6.2f}x  not measured")
+            print(f"{name:56s} {'n/a':>10s} {'n/a':>10s} {'':>7s} {target_text}  not measured")
             continue
         if "MiB" in name:
             a, b = a / 2**20, b / 2**20
         ratio = b / a
-        verdict = "PASS" if ratio <= target else "FAIL"
-        print(f"{name:56s} {a:10.4f} {b:10.4f} {ratio:6.3f}x {target:6.2f}x  {verdict}")
+        verdict = ("PASS" if ratio <= target else "FAIL") if target else ""
+        print(f"{name:56s} {a:10.4f} {b:10.4f} {ratio:6.3f}x {target_text}  {verdict}")
         results.append({"metric": name, "baseline": a, "layerdiff": b, "ratio": ratio, "target": target})
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"device": device, "resolution": resolution, "dtype": args.dtype, "results": results}, fh,
-                      indent=2)
+            json.dump({"device": device, "resolution": resolution, "dtype": args.dtype, "foregrounds": n,
+                       "unet_params": unet_params, "module_params": module_params,
+                       "enhancer_params": enhancer_params, "results": results}, fh, indent=2)
     return 0
 
 

@@ -149,6 +149,7 @@ def test_work_shares_follow_the_launcher_environment():
         shares.worker_position({"RANK": "4", "WORLD_SIZE": "4"})
 
 
+@pytest.mark.slow  # two script runs in subprocesses (~20 s)
 def test_killed_run_resumes_without_redoing_or_duplicating_units(tmp_path):
     """SIGKILL while the second unit is being written; the re-run keeps unit 1's files and finishes the rest."""
     shapes_pictures(tmp_path / "pictures", 36, size=128)

@@ -241,3 +241,27 @@ def test_no_prompt_keys_values_outlive_a_sampling_run(tiny):
         assert len(state.prompt_kv) == 0
     else:
         assert 0 < len(state.prompt_kv) <= state.prompt_kv.max_entries
+
+
+def test_fp16_weights_file_is_held_in_fp16_and_samples_like_an_fp32_copy(tiny, tmp_path):
+    """No fp32 copy of fp16 weights: an fp16 file loads as fp16 modules, the fp32 UNet uses them as they are
+    (manual-cast layers), and the result equals the one of an explicit fp32 copy exactly (fp16 -> fp32 is exact)."""
+    import copy
+
+    import comfy.ops
+
+    model, clip, _ = tiny
+    weights = package_module("layerdiff_model.modules.weights")
+    path = tmp_path / "half.safetensors"
+    weights.save_weights(path, tiny_modules(model, random=True).to(torch.float16))
+    half = weights.load_modules(path, operations=comfy.ops.manual_cast)
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+    assert {p.dtype for p in weights.load_modules(path, dtype=torch.float32).parameters()} == {torch.float32}
+    patched = adapter().apply_patch(model, half, "test")
+    assert adapter().patch_state(patched, "test").modules is half  # not copied to the UNet's fp32
+    full = copy.deepcopy(half).to(torch.float32)
+    pos, neg, n = encode(clip, ["a red circle", "a blue square"])
+    latent = empty_latent(n)
+    out, _ = sample(patched, pos, neg, latent)
+    reference, _ = sample(adapter().apply_patch(model, full, "test"), pos, neg, latent)
+    assert torch.equal(out, reference)

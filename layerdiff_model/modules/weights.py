@@ -77,8 +77,12 @@ def load_config(path: str | os.PathLike) -> LayerDiffConfig:
         raise WeightsFileError(f"'{name}' has a damaged LayerDiff config in its metadata ({exc}).") from exc
 
 
-def load_modules(path: str | os.PathLike, device: str | torch.device = "cpu", operations=torch.nn) -> LayerDiffModules:
-    """Build :class:`LayerDiffModules` from the file's config and load its tensors strictly."""
+def load_modules(path: str | os.PathLike, device: str | torch.device = "cpu", operations=torch.nn,
+                 dtype: torch.dtype | None = None) -> LayerDiffModules:
+    """Build :class:`LayerDiffModules` from the file's config and load its tensors strictly.
+
+    ``dtype`` None keeps the file's float dtype (an fp16 file is held in fp16: no fp32 copy; ComfyUI's
+    manual-cast ops compute in the input's dtype); training passes float32 for its master weights."""
     path = Path(path)
     config = load_config(path)
     try:
@@ -88,7 +92,10 @@ def load_modules(path: str | os.PathLike, device: str | torch.device = "cpu", op
             f"LayerDiff weights file '{path.name}' could not be read ({exc}); it is probably truncated or "
             "corrupted. Re-download it or re-run the training script's export."
         ) from exc
-    modules = LayerDiffModules(config, device=device, operations=operations)
+    stored = {t.dtype for t in state.values() if t.is_floating_point()}
+    if dtype is None and len(stored) == 1:
+        dtype = stored.pop()
+    modules = LayerDiffModules(config, dtype=dtype, device=device, operations=operations)
     load_state_strict(modules, state, path.name)
     modules.source_name = path.name
     return modules

@@ -289,9 +289,13 @@ def apply_patch(model, modules: LayerDiffModules, node: str, inter: bool = True,
 
 
 def _in_unet_dtype(modules: LayerDiffModules, model) -> LayerDiffModules:
+    """A copy in the UNet's dtype only when that is narrower (fp32 modules on an fp16 UNet). Narrower modules
+    (fp16 weights with an fp32 UNet) are used as they are: the manual-cast layers compute in the UNet's dtype, and
+    casting fp16 to fp32 is exact, so an fp32 copy would only cost memory."""
     unet_dtype = next(unet_of(model).parameters()).dtype
     module_dtype = next(modules.parameters()).dtype
-    if unet_dtype == module_dtype or not unet_dtype.is_floating_point:
+    if unet_dtype == module_dtype or not unet_dtype.is_floating_point or \
+            torch.finfo(module_dtype).bits <= torch.finfo(unet_dtype).bits:
         return modules
     return copy.deepcopy(modules).to(unet_dtype)
 

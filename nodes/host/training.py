@@ -136,7 +136,7 @@ class ComfyTrainingModel:
 
     def _build_modules(self, config: TrainConfig):
         if config.init_weights:
-            modules = load_modules(config.init_weights, operations=comfy.ops.manual_cast)
+            modules = load_modules(config.init_weights, operations=comfy.ops.manual_cast, dtype=torch.float32)
             inference.check_weights_fit(modules, self.base, SCRIPT)
             return modules.to(self.device)
         cfg = inference.config_for_model(

@@ -280,7 +280,12 @@ def boot_comfyui(argv: list[str] | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     boot_comfyui(argv if argv is not None else sys.argv[1:])
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not LOG.handlers:  # our own handler: a host may already have configured the root logger (0.3.x does)
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        LOG.addHandler(handler)
+        LOG.setLevel(logging.INFO)
+        LOG.propagate = False
     if args.command == "report":
         print(_module("unit_output").write_folder_report(Path(args.out)).summary())
         return 0

@@ -156,6 +156,14 @@ def _progress(args, total: int | None):
     return bar, bar.update
 
 
+def _build(units, out: Path, samples_of, bar):
+    try:
+        return _module("construction_run").build_units(units, out, samples_of)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 # ------------------------------------------------------------------------------------------------- commands
 def run_pictures(args: argparse.Namespace):
     inputs, shares = _module("picture_inputs"), _module("work_shares")
@@ -181,11 +189,7 @@ def run_pictures(args: argparse.Namespace):
         return run.unit_samples(unit, pipeline, report, batch_size=args.batch_size, max_side=args.max_side,
                                 on_pictures=tick)
 
-    try:
-        return run.build_units(todo, out, samples_of)
-    finally:
-        if bar is not None:
-            bar.close()
+    return _build(todo, out, samples_of, bar)
 
 
 class _Unit:
@@ -194,7 +198,7 @@ class _Unit:
 
 
 def run_layered_files(args: argparse.Namespace):
-    importer, shares, run = _module("layered_file_import"), _module("work_shares"), _module("construction_run")
+    importer, shares = _module("layered_file_import"), _module("work_shares")
     device, dtype = _torch_device(args.device)
     captioner = (_module("transformers_backends").load_captioner(
         args.captioner, device=device, dtype=dtype, local_files_only=args.local_files_only)
@@ -215,7 +219,7 @@ def run_layered_files(args: argparse.Namespace):
         for path in unit.items:
             tick(1)
             report.pictures += 1
-            key = run._unique("".join(c if c.isalnum() or c in "-_" else "_" for c in path.stem), keys)
+            key = importer.sample_key(path.name, keys)
             try:
                 sample = importer.import_layered_file(path, key=key, captioner=captioner,
                                                       max_foregrounds=args.max_foregrounds)
@@ -226,15 +230,11 @@ def run_layered_files(args: argparse.Namespace):
             report.samples += 1
             yield sample
 
-    try:
-        return run.build_units(units, Path(args.out), samples_of)
-    finally:
-        if bar is not None:
-            bar.close()
+    return _build(units, Path(args.out), samples_of, bar)
 
 
 def run_cutouts(args: argparse.Namespace):
-    cut, shares, run = _module("cutout_composition"), _module("work_shares"), _module("construction_run")
+    cut, shares = _module("cutout_composition"), _module("work_shares")
     cutouts, skipped = cut.read_cutout_folder(args.cutouts)
     backgrounds, skipped_bg = cut.read_background_folder(args.backgrounds)
     for path, reason in skipped + skipped_bg:
@@ -257,11 +257,7 @@ def run_cutouts(args: argparse.Namespace):
             report.samples += 1
             yield sample
 
-    try:
-        return run.build_units(units, Path(args.out), samples_of)
-    finally:
-        if bar is not None:
-            bar.close()
+    return _build(units, Path(args.out), samples_of, bar)
 
 
 def boot_comfyui(argv: list[str] | None) -> None:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .layered_files import LayeredFileError, _place, _read_plane
+from .layered_files import LayeredFileError, _parse_record, _place, _read_plane, _take
 
 @dataclass
 class TreeNode:
@@ -46,48 +46,6 @@ class LayerTree:
 
 class PsdColourModeError(LayeredFileError):
     """The PSD is not 8-bit RGB (16/32-bit, CMYK, grayscale, indexed ...)."""
-
-
-def _take(f: io.BytesIO, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise LayeredFileError(f"the file ends early (wanted {n} bytes at offset {f.tell() - len(data)}, "
-                               f"found {len(data)})")
-    return data
-
-
-def _parse_tree_record(f: io.BytesIO) -> dict:
-    """One PSD layer record with what the tree needs: flags (bit 1 = hidden), opacity, section type, user mask."""
-    top, left, bottom, right, count = struct.unpack(">iiiiH", _take(f, 18))
-    channels = [struct.unpack(">hI", _take(f, 6)) for _ in range(count)]
-    sig, _blend, opacity, _clipping, flags, _filler = struct.unpack(">4s4sBBBB", _take(f, 12))
-    if sig not in (b"8BIM", b"8B64"):
-        raise LayeredFileError(f"bad layer record signature {sig!r}")
-    extra = io.BytesIO(_take(f, struct.unpack(">I", _take(f, 4))[0]))
-    mask_data = _take(extra, struct.unpack(">I", _take(extra, 4))[0])
-    mask = None
-    if len(mask_data) >= 18:  # top, left, bottom, right, default colour, flags (bit 1 = disabled)
-        mt, ml, mb, mr, default, mflags = struct.unpack(">iiiiBB", mask_data[:18])
-        if not mflags & 2:
-            mask = {"bounds": (mt, ml, mb, mr), "default": default}
-    _take(extra, struct.unpack(">I", _take(extra, 4))[0])  # blending ranges
-    n = _take(extra, 1)[0]
-    name = _take(extra, n).decode("mac_roman")
-    extra.read(-(n + 1) % 4)
-    section = 0
-    while True:
-        head = extra.read(12)
-        if len(head) < 12 or head[:4] not in (b"8BIM", b"8B64"):
-            break
-        key, size = head[4:8], struct.unpack(">I", head[8:12])[0]
-        block = extra.read(size)
-        if key == b"luni" and len(block) >= 4:
-            chars = struct.unpack(">I", block[:4])[0]
-            name = block[4:4 + 2 * chars].decode("utf-16-be", "replace")
-        elif key in (b"lsct", b"lsdk") and len(block) >= 4:
-            section = struct.unpack(">I", block[:4])[0]  # 1/2 = group open/closed, 3 = group end
-    return {"bounds": (top, left, bottom, right), "channels": channels, "name": name, "hidden": bool(flags & 2),
-            "opacity": opacity / 255, "section": section, "mask": mask}
 
 
 def _tree_layer_pixels(f: io.BytesIO, rec: dict, h: int, w: int) -> np.ndarray | None:
@@ -154,7 +112,7 @@ def read_psd_tree(path) -> LayerTree:
         if info_length == 0:
             return LayerTree((h, w), [])
         count = abs(struct.unpack(">h", _take(f, 2))[0])
-        records = [_parse_tree_record(f) for _ in range(count)]
+        records = [_parse_record(f) for _ in range(count)]
         pixels = [_tree_layer_pixels(f, rec, h, w) for rec in records]  # bottom first
     except PsdColourModeError:
         raise

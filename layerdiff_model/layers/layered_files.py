@@ -191,29 +191,47 @@ def _read_plane(fh: io.BytesIO, length: int, h: int, w: int) -> np.ndarray:
     return np.frombuffer(raw, np.uint8).reshape(h, w).copy()  # [h, w]
 
 
-def _parse_record(fh: io.BytesIO) -> dict:
-    top, left, bottom, right, count = struct.unpack(">iiiiH", fh.read(18))
-    channels = [struct.unpack(">hI", fh.read(6)) for _ in range(count)]
-    fh.read(12)  # '8BIM', blend mode, opacity, clipping, flags, filler
-    extra = io.BytesIO(fh.read(struct.unpack(">I", fh.read(4))[0]))
-    extra.read(struct.unpack(">I", extra.read(4))[0])  # layer mask data
-    extra.read(struct.unpack(">I", extra.read(4))[0])  # blending ranges
-    n = extra.read(1)[0]
-    name = extra.read(n).decode("mac_roman")
+def _take(f: io.BytesIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise LayeredFileError(f"the file ends early (wanted {n} bytes at offset {f.tell() - len(data)}, "
+                               f"found {len(data)})")
+    return data
+
+
+def _parse_record(f: io.BytesIO) -> dict:
+    """One PSD layer record: bounds, channels, name, flags (bit 1 = hidden), opacity, section type (1/2 = group
+    open/closed, 3 = group end: a divider without pixels of its own) and the user mask."""
+    top, left, bottom, right, count = struct.unpack(">iiiiH", _take(f, 18))
+    channels = [struct.unpack(">hI", _take(f, 6)) for _ in range(count)]
+    sig, _blend, opacity, _clipping, flags, _filler = struct.unpack(">4s4sBBBB", _take(f, 12))
+    if sig not in (b"8BIM", b"8B64"):
+        raise LayeredFileError(f"bad layer record signature {sig!r}")
+    extra = io.BytesIO(_take(f, struct.unpack(">I", _take(f, 4))[0]))
+    mask_data = _take(extra, struct.unpack(">I", _take(extra, 4))[0])
+    mask = None
+    if len(mask_data) >= 18:  # top, left, bottom, right, default colour, flags (bit 1 = disabled)
+        mt, ml, mb, mr, default, mflags = struct.unpack(">iiiiBB", mask_data[:18])
+        if not mflags & 2:
+            mask = {"bounds": (mt, ml, mb, mr), "default": default}
+    _take(extra, struct.unpack(">I", _take(extra, 4))[0])  # blending ranges
+    n = _take(extra, 1)[0]
+    name = _take(extra, n).decode("mac_roman")
     extra.read(-(n + 1) % 4)
-    divider = False
+    section = 0
     while True:
         head = extra.read(12)
         if len(head) < 12 or head[:4] not in (b"8BIM", b"8B64"):
             break
         key, size = head[4:8], struct.unpack(">I", head[8:12])[0]
         block = extra.read(size)
-        if key == b"luni":
+        if key == b"luni" and len(block) >= 4:
             chars = struct.unpack(">I", block[:4])[0]
-            name = block[4:4 + 2 * chars].decode("utf-16-be")
-        elif key == b"lsct" and struct.unpack(">I", block[:4])[0] in (1, 2, 3):
-            divider = True  # group start/end marker, no pixels of its own
-    return {"bounds": (top, left, bottom, right), "channels": channels, "name": name, "divider": divider}
+            name = block[4:4 + 2 * chars].decode("utf-16-be", "replace")
+        elif key in (b"lsct", b"lsdk") and len(block) >= 4:
+            section = struct.unpack(">I", block[:4])[0]  # 1/2 = group open/closed, 3 = group end
+    return {"bounds": (top, left, bottom, right), "channels": channels, "name": name, "hidden": bool(flags & 2),
+            "opacity": opacity / 255, "section": section, "mask": mask}
 
 
 def read_psd(path) -> list[Layer]:
@@ -245,7 +263,7 @@ def read_psd(path) -> list[Layer]:
         top, left, bottom, right = rec["bounds"]
         lh, lw = max(bottom - top, 0), max(right - left, 0)
         planes = {cid: _read_plane(f, length, lh, lw) for cid, length in rec["channels"]}
-        if rec["divider"]:
+        if rec["section"] in (1, 2, 3):  # group start/end marker, no pixels of its own
             continue
         local = np.zeros((lh, lw, 4), np.uint8)  # [lh, lw, 4]
         for c in range(3):

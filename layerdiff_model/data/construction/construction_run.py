@@ -9,18 +9,10 @@ from typing import Callable, Iterator, Sequence
 from .picture_inputs import BrokenInput, WorkUnit, read_unit
 from .pipeline import LayeringPipeline
 from .run_report import RunReport
+from .sample_keys import unique_key
 from .unit_output import unit_done, write_folder_report, write_unit
 
 log = logging.getLogger("layerdiff.dataset")
-
-
-def _unique(key: str, seen: set[str]) -> str:
-    candidate, n = key, 1
-    while candidate in seen:
-        n += 1
-        candidate = f"{key}_{n}"
-    seen.add(candidate)
-    return candidate
 
 
 def unit_samples(unit: WorkUnit, pipeline: LayeringPipeline, report: RunReport, *, batch_size: int = 8,
@@ -45,7 +37,7 @@ def unit_samples(unit: WorkUnit, pipeline: LayeringPipeline, report: RunReport, 
             continue
         if converted:
             report.converted[converted] += 1
-        item.key = _unique(item.key, seen)
+        item.key = unique_key(item.key, seen)
         batch.append(item)
         if len(batch) >= batch_size:
             yield from run_batch()

@@ -36,6 +36,7 @@ from ...layers.layer_tree import LayerTree, PsdColourModeError, TreeNode, flatte
 from ...layers.layered_files import LayeredFileError
 from ..layered_sample import LayeredSample
 from .prompts import clean_prompt, global_prompt_from_layers
+from .sample_keys import key_from_name, unique_key
 
 MASK_THRESHOLD = 128  # alpha >= 128 (of 255) is inside a layer's mask
 GREY = 0.5  # foreground RGB outside the mask
@@ -230,15 +231,8 @@ def _rgba(rgb: np.ndarray) -> np.ndarray:
 
 
 def sample_key(name: str, taken: set[str]) -> str:
-    """A sample key from a file name: its stem, characters other than letters, digits, '-' and '_' -> '_'
-    (so no '.'), no leading '_'; ``_2``, ``_3`` ... appended until it is not in ``taken`` (which it joins)."""
-    base = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(name).stem).strip("_") or "file"
-    key, n = base, 1
-    while key in taken:
-        n += 1
-        key = f"{base}_{n}"
-    taken.add(key)
-    return key
+    """A unique sample key (:mod:`.sample_keys`) from a file name's stem; it joins ``taken``."""
+    return unique_key(key_from_name(Path(name).stem), taken)
 
 
 def import_layered_folder(folder, *, captioner=None, max_foregrounds: int = 4, min_side: int = 64

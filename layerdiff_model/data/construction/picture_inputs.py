@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ...errors import DatasetError
+from .sample_keys import key_from_name
 from .stages import Picture
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -151,7 +152,7 @@ def read_unit(unit: WorkUnit, max_side: int = 0) -> Iterator[tuple[Picture | Bro
         txt, meta = path.with_suffix(".txt"), path.with_suffix(".json")
         caption = _caption_of(txt.read_bytes() if txt.is_file() else None, meta.read_bytes() if meta.is_file()
                               else None)
-        yield Picture(_KEY_CHARS.sub("_", str(rel.with_suffix(""))), pixels, caption, source), converted
+        yield Picture(key_from_name(str(rel.with_suffix(""))), pixels, caption, source), converted
 
 
 def _reason(e: Exception) -> str:
@@ -176,7 +177,7 @@ def _read_tar(path: Path, max_side: int) -> Iterator[tuple[Picture | BrokenInput
         except ValueError as e:
             return BrokenInput(source, _reason(e)), None
         caption = _caption_of(files.get("txt"), files.get("json"))
-        return Picture(_KEY_CHARS.sub("_", group_key), pixels, caption, source), converted
+        return Picture(key_from_name(group_key), pixels, caption, source), converted
 
     try:
         with tarfile.open(path, "r|*") as tar:

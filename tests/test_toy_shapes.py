@@ -166,6 +166,7 @@ def test_shipped_assets_are_small_and_the_weights_load():
 EDIT_SEEDS = (0, 1, 2, 3)
 
 
+@pytest.mark.slow  # 8 toy generations end to end (~30 s)
 def test_generate_save_psd_load_and_regenerate_layer_2_in_a_new_colour(toy_shapes_models):
     """The toy model end to end: generate two layers, save them as PSD (Save Layers), load the PSD (Load Layered
     File), encode it (Encode Layers) and regenerate layer 2 with a new colour (Regenerate Layers + the SMG

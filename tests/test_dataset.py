@@ -363,6 +363,7 @@ def test_bucketed_batches_for_streams():
 # ----------------------------------------------------------------------------------------------- script
 
 
+@pytest.mark.slow  # script runs in fresh processes (~12 s)
 def test_validate_script_exit_codes(mixed_root, tmp_path):
     script = [sys.executable, str(REPO_ROOT / "scripts" / "validate_dataset.py")]
     bad = subprocess.run(script + [str(mixed_root), "--json", str(tmp_path / "r.json")], capture_output=True,

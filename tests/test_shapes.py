@@ -171,6 +171,7 @@ def test_ground_truth_survives_the_disk(tmp_path):
 # ----------------------------------------------------------------------------------------------- script
 
 
+@pytest.mark.slow  # script runs in fresh processes (~12 s)
 def test_make_shapes_dataset_script(tmp_path):
     script = str(REPO_ROOT / "scripts" / "make_shapes_dataset.py")
     run = subprocess.run([sys.executable, script, "--out", str(tmp_path / "f"), "--count", "12", "--size", "32",

@@ -204,6 +204,7 @@ def test_ema_tracks_parameters_and_swaps_back():
     assert torch.equal(p.detach(), torch.ones(2))
 
 
+@pytest.mark.slow  # script runs in fresh processes (~12 s)
 def test_help_lists_every_option():
     text = subprocess.run([sys.executable, str(REPO / "scripts" / "train_layerdiff.py"), "--help"],
                           capture_output=True, text=True, check=True).stdout

@@ -62,6 +62,7 @@ def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str
     return errors[0]
 
 
+@pytest.mark.slow  # generate.sh-style script run in a fresh process (~9-13 s)
 @pytest.mark.parametrize("source", ["shipped-toy-assets" if _shipped_toy_model() else "random-weight-toy-files"])
 def test_generate_command_writes_layered_picture(source, model_args, tmp_path):
     foregrounds = ["a red circle", "a blue square"]
@@ -102,6 +103,7 @@ def test_generate_command_writes_layered_picture(source, model_args, tmp_path):
         assert "circle" in warnings[0].split("knows only the words")[1]
 
 
+@pytest.mark.slow  # generate.sh-style script run in a fresh process (~9-13 s)
 def test_one_foreground_runs_the_two_layer_workflow_and_wrong_weights_fail_in_one_line(comfyui, tmp_path):
     """Past ComfyUI's boot: the 2-layer workflow is picked, and a checkpoint given as --weights is refused by the
     LayerDiff Load Weights node; the runner prints that node's message as one line."""
@@ -125,6 +127,7 @@ def test_user_errors_are_one_line_before_comfyui_boots(args, fragments, tmp_path
     assert "==> starting ComfyUI" not in result.stderr
 
 
+@pytest.mark.slow  # generate.sh-style script run in a fresh process (~9-13 s)
 def test_a_checkpoint_of_another_family_is_refused_in_one_line_before_any_model_loads(tmp_path):
     """The context-width check reads SD1.5's width from the booted package (one constant), before any model loads."""
     files = _bad_files(tmp_path)

@@ -54,14 +54,28 @@ def _prompt(path: Path) -> str:
 
 def _open(path: Path):
     """The decoded Pillow image (fully loaded, so a truncated file fails here) or the reason it is skipped."""
-    from PIL import Image
+    from PIL import Image, ImageFile
 
+    # a host may let Pillow fill truncated images with grey (ImageFile.LOAD_TRUNCATED_IMAGES): not here
+    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         im = Image.open(path)
         im.load()
         return im, None
     except Exception as e:  # noqa: BLE001  (Pillow raises OSError, SyntaxError, ValueError ... for bad files)
         return None, f"cannot be decoded ({type(e).__name__}: {e})"
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+
+
+def _decoded_images(folder, skipped: list[Skipped]):
+    """(path, open Pillow image) for every image file of ``folder`` that decodes; the others join ``skipped``."""
+    for path in _image_files(folder):
+        im, reason = _open(path)
+        if im is None:
+            skipped.append((path, reason))
+        else:
+            yield path, im
 
 
 def _has_alpha(im) -> bool:
@@ -71,11 +85,7 @@ def _has_alpha(im) -> bool:
 def read_cutout_folder(folder) -> tuple[list[Item], list[Skipped]]:
     """(cut-outs as (prompt, RGBA uint8 [h, w, 4]) cropped to the alpha's bounding box, skipped (path, reason))."""
     cutouts, skipped = [], []
-    for path in _image_files(folder):
-        im, reason = _open(path)
-        if im is None:
-            skipped.append((path, reason))
-            continue
+    for path, im in _decoded_images(folder, skipped):
         with im:
             if not _has_alpha(im):
                 skipped.append((path, f"has no alpha channel (mode {im.mode}); save the cut-out as a PNG with "
@@ -108,11 +118,7 @@ def read_background_folder(folder, min_side: int = 64) -> tuple[list[Item], list
     """(backgrounds as (prompt, RGB uint8 [H, W, 3]), skipped (path, reason)); pictures with a side under
     ``min_side`` px are skipped."""
     backgrounds, skipped = [], []
-    for path in _image_files(folder):
-        im, reason = _open(path)
-        if im is None:
-            skipped.append((path, reason))
-            continue
+    for path, im in _decoded_images(folder, skipped):
         with im:
             rgb = _to_rgb8(im)
         if min(rgb.shape[:2]) < min_side:

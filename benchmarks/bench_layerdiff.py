@@ -74,7 +74,8 @@ def build_sd15(device, dtype):
     model = model_config.get_model({}, device=device)
     toy_model.init_weights_(model.diffusion_model, toy_model.DEFAULT_SEED, 0.02)
     model.diffusion_model.to(device=device, dtype=dtype)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device), offload_device=torch.device(device))
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device),
+                                            offload_device=torch.device(device))
 
 
 def conditioning(adapter, layer_prompts_cls, n, device, seed):
@@ -245,7 +246,8 @@ def main(argv=None) -> int:
         ("UNet forward time (s)", forward["sd15"]["time"], forward["layerdiff"]["time"], 1.15),
         ("UNet forward GFLOPs (counted), first step", flops["sd15"] / 1e9, flops["layerdiff_first"] / 1e9, 1.15),
         ("UNet forward GFLOPs (counted), later steps", flops["sd15"] / 1e9, flops["layerdiff"] / 1e9, 1.15),
-        ("UNet forward peak memory (MiB)" + (" [process RSS]" if device == "cpu" else ""), forward["sd15"]["peak"], forward["layerdiff"]["peak"], 1.10),
+        ("UNet forward peak memory (MiB)" + (" [process RSS]" if device == "cpu" else ""), forward["sd15"]["peak"],
+         forward["layerdiff"]["peak"], 1.10),
         ("sampling time, SMG every step vs CFG (s)", sample_times["cfg"]["time"],
          sample_times["smg_every_step"]["time"], 1.5),
         ("sampling time, SMG after 20% warm-up vs CFG (s)", sample_times["cfg"]["time"],

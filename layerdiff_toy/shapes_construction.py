@@ -18,8 +18,15 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+import torch
 
-from .shapes import COLOURS, SHAPES, shape_name_from_mask, shapes_truth
+from comfy_headless.product import product_names
+
+from .shapes import COLOURS, SHAPES, mask_iou, shape_name_from_mask, shapes_truth
+from .shapes_eval import psnr_db
+
+box_iou = product_names("layerdiff_model.data.construction.quality_filters", "box_iou")
+Detection = product_names("layerdiff_model.data.construction.stages", "Detection")
 
 COLOUR_TOLERANCE = 30  # max per-channel difference from the vocabulary colour
 MIN_REGION = 6  # pixels; smaller regions are ignored
@@ -51,12 +58,6 @@ def _box(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
 
 
-def _box_iou(a, b) -> float:
-    ix, iy = max(0.0, min(a[2], b[2]) - max(a[0], b[0])), max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
-    return ix * iy / union if union > 0 else 0.0
-
-
 def _border_colour(image: np.ndarray) -> str | None:
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])[None]  # [1, K, 3]
     counts = {c: int(colour_pixels(border, c).sum()) for c in COLOURS}
@@ -68,9 +69,6 @@ class ColourShapeFinder:
     """Stand-in :class:`Detector` and :class:`Segmenter` for the toy's exact vocabulary colours."""
 
     def detect(self, images: Sequence[np.ndarray], phrases: Sequence[Sequence[str]]):
-        from comfy_headless.product import product_names
-
-        Detection = product_names("layerdiff_model.data.construction.stages", "Detection")
         out = []
         for image, picture_phrases in zip(images, phrases):
             words = [_phrase_words(p) for p in picture_phrases]
@@ -103,22 +101,12 @@ class ColourShapeFinder:
                     pixels = colour_pixels(image, colour) & inside
                     if colour == behind or pixels.sum() < MIN_REGION:
                         continue
-                    fit = _box_iou(_box(pixels), (x0, y0, x1, y1))
+                    fit = box_iou(_box(pixels), (x0, y0, x1, y1))
                     if fit > best_fit:
                         best, best_fit = pixels, fit
                 masks.append(best)
             out.append(masks)
         return out
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 @dataclass
@@ -153,6 +141,11 @@ class ConstructionScore:
         }
 
 
+def _unit(array: np.ndarray) -> torch.Tensor:
+    """uint8 pixels -> float tensor in [0, 1] (PSNR of the 8-bit images, as they are stored)."""
+    return torch.from_numpy(array.astype(np.float64) / 255)
+
+
 def _uint8(chw) -> np.ndarray:
     return (chw.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
 
@@ -177,8 +170,8 @@ def score_construction(truth_samples, recovered_samples) -> ConstructionScore:
             positions[t] = r
             score.matched += 1
             mask = got.masks[r, 0].numpy() > 0.5
-            score.visible_iou.append(_iou(mask, fg.visible.numpy()))
-            score.full_iou.append(_iou(mask, fg.mask.numpy()))
+            score.visible_iou.append(mask_iou(mask, fg.visible.numpy()))
+            score.full_iou.append(mask_iou(mask, fg.mask.numpy()))
         for a in positions:
             for b in positions:
                 if a < b:  # true: a in front of b
@@ -190,7 +183,7 @@ def score_construction(truth_samples, recovered_samples) -> ConstructionScore:
                         score.pairs_correct += correct
         true_bg, got_bg = _uint8(true.background), _uint8(got.background)
         hole = (got.masks[:, 0] > 0.5).any(0).numpy()
-        score.background_psnr.append(_psnr(true_bg, got_bg))
+        score.background_psnr.append(psnr_db(_unit(got_bg), _unit(true_bg)))
         if hole.any():
-            score.hole_psnr.append(_psnr(true_bg[hole], got_bg[hole]))
+            score.hole_psnr.append(psnr_db(_unit(got_bg[hole]), _unit(true_bg[hole])))
     return score

@@ -22,6 +22,7 @@ import torch
 
 from ...errors import DatasetError
 from ..layered_sample import LayeredSample
+from .picture_inputs import refusing_truncated_images
 from .prompts import clean_prompt, global_prompt_from_layers, prompt_from_file_name
 
 MASK_THRESHOLD = 128
@@ -54,18 +55,15 @@ def _prompt(path: Path) -> str:
 
 def _open(path: Path):
     """The decoded Pillow image (fully loaded, so a truncated file fails here) or the reason it is skipped."""
-    from PIL import Image, ImageFile
+    from PIL import Image
 
-    # a host may let Pillow fill truncated images with grey (ImageFile.LOAD_TRUNCATED_IMAGES): not here
-    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        im = Image.open(path)
-        im.load()
+        with refusing_truncated_images():
+            im = Image.open(path)
+            im.load()
         return im, None
     except Exception as e:  # noqa: BLE001  (Pillow raises OSError, SyntaxError, ValueError ... for bad files)
         return None, f"cannot be decoded ({type(e).__name__}: {e})"
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
 
 
 def _decoded_images(folder, skipped: list[Skipped]):

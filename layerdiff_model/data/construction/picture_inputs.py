@@ -16,6 +16,7 @@ import json
 import re
 import tarfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -80,20 +81,31 @@ def find_work_units(inputs: Sequence[str | Path], images_per_unit: int = 1000) -
     return units
 
 
+@contextmanager
+def refusing_truncated_images():
+    """Pillow raises on a truncated image inside this block, whatever the host set: a host may let it fill
+    truncated images with grey (``ImageFile.LOAD_TRUNCATED_IMAGES``)."""
+    from PIL import ImageFile
+
+    before, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
 def decode_picture(data: bytes, max_side: int = 0) -> tuple[np.ndarray, str | None]:
     """uint8 [H, W, 3] RGB of encoded image bytes, and the source mode when it was converted (else None).
 
     Raises ValueError with the reason when the bytes are not a whole image. ``max_side`` > 0 shrinks larger
     pictures (aspect kept).
     """
-    from PIL import Image, ImageFile
+    from PIL import Image
 
     if not data:
         raise ValueError("zero-byte file")
-    # a host may let Pillow fill truncated images with grey (ImageFile.LOAD_TRUNCATED_IMAGES): not here
-    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        with warnings.catch_warnings():
+        with refusing_truncated_images(), warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 im.load()  # decodes fully: a truncated file raises here
@@ -114,8 +126,6 @@ def decode_picture(data: bytes, max_side: int = 0) -> tuple[np.ndarray, str | No
                 pixels = np.asarray(image, np.uint8).copy()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"not a readable image ({type(e).__name__}: {e})") from None
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
     converted = None if mode == "RGB" else {"L": "grayscale", "1": "grayscale", "CMYK": "CMYK", "P": "palette",
                                              "I;16": "16-bit", "I;16B": "16-bit", "I": "16-bit"}.get(mode, mode)
     return pixels, converted

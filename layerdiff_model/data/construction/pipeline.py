@@ -190,7 +190,6 @@ class LayeringPipeline:
                 w.reason = "no layer agrees with its prompt (CLIP)"
 
     def _complete_background(self, work: list[_Work], report: RunReport) -> None:
-        work = _live(work)
         if not work:
             return
         holes = [np.logical_or.reduce([o.mask for o in w.objects]) for w in work]

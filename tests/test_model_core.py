@@ -90,6 +90,22 @@ def test_inter_layer_attention_mixes_only_within_a_sample():
     assert torch.allclose(no_inter[0], ref[0])  # without inter-layer attention slots are independent
 
 
+def test_inter_layer_attention_in_position_chunks_equals_one_pass():
+    """Large inputs run in runs of positions (bounded temporaries): the output is the one-pass output, chunks
+    that do not divide the positions included, and a changed position changes only its own output."""
+    m = make_modules(zero=False, seed=1)  # role modulation on: the role bias is included
+    inter = m.blocks["input_1_0"].inter
+    roles = slots.roles_for_rows(slots.slot_info_table(2).repeat(2, 1), 3)  # 2 samples x 5 slots
+    x = torch.randn(10, 37, 32)
+    whole = inter(x, roles, 5)
+    for elements in (10 * 32, 10 * 32 * 5, 10 * 32 * 36):  # 1, 5 and 36 positions per run
+        assert torch.allclose(inter(x, roles, 5, chunk_elements=elements), whole, atol=1e-6, rtol=1e-5)
+    x2 = x.clone()
+    x2[:, 20] += torch.randn(10, 32)  # (a constant shift would vanish in the layer norm)
+    moved = (inter(x2, roles, 5, chunk_elements=10 * 32 * 3) - whole).abs().amax(dim=(0, 2))
+    assert moved[20] > 1e-3 and moved[torch.arange(37) != 20].max() < 1e-5
+
+
 def test_role_modulation_tells_a_mask_slot_from_its_foreground():
     """fg_1 and mask_1 read the same prompt; with identical inputs only the role can make them differ."""
     info = slots.slot_info_table(1)  # [background, fg_1, mask_1]

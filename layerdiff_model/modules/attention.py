@@ -27,6 +27,9 @@ def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     return rearrange(out, "b h l d -> b l (h d)")
 
 
+CHUNK_ELEMENTS = 1 << 23  # inter-layer attention works on runs of positions holding at most this many values
+
+
 def _weight_version(weight: torch.Tensor) -> int:
     """In-place update counter of a weight. Inference tensors (weights loaded under torch.inference_mode, as
     ComfyUI's executor does) have none and are never trained, so they count as unchanged."""
@@ -52,19 +55,32 @@ class InterLayerAttention(nn.Module):
         self.to_qkv = operations.Linear(width, 3 * width, bias=False, dtype=dtype, device=device)
         self.to_out = operations.Linear(width, width, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, roles: torch.Tensor, slots: int) -> torch.Tensor:
-        """x [(b s), n, c], roles [(b s)] long -> residual [(b s), n, c]."""
-        role = self.role_embedding.to(dtype=x.dtype)[roles]  # [(b s), c]
-        h = self.norm(x) + role[:, None, :]  # [(b s), n, c]
-        h = rearrange(h, "(b s) n c -> (b n) s c", s=slots)
-        q, k, v = self.to_qkv(h).chunk(3, dim=-1)
+    def forward(self, x: torch.Tensor, roles: torch.Tensor, slots: int,
+                chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+        """x [(b s), n, c], roles [(b s)] long -> residual [(b s), n, c].
+
+        Positions attend independently, so when x holds more than ``chunk_elements`` values the positions are
+        processed in runs that hold at most that many: the temporaries (normed input, q/k/v, attention output)
+        are then chunk-sized instead of several copies of x. Same result, up to float rounding."""
+        role = self.role_embedding.to(dtype=x.dtype)[roles][:, None, :]  # [(b s), 1, c]
         bias = None
         if self.role_bias is not None:
             sample_roles = roles[:slots]  # every sample of a call has the same slot layout (rows_layout)
             bias = self.role_bias[:, sample_roles][:, :, sample_roles]  # [heads, s, s]
+        rows, n, c = x.shape
+        step = max(1, chunk_elements // max(1, rows * c))
+        if step >= n:
+            return self._attend(x, role, bias, slots)
+        out = torch.empty_like(x)
+        for start in range(0, n, step):
+            out[:, start:start + step] = self._attend(x[:, start:start + step], role, bias, slots)
+        return out
+
+    def _attend(self, x: torch.Tensor, role: torch.Tensor, bias: torch.Tensor | None, slots: int) -> torch.Tensor:
+        h = rearrange(self.norm(x) + role, "(b s) n c -> (b n) s c", s=slots)
+        q, k, v = self.to_qkv(h).chunk(3, dim=-1)
         out = multi_head_attention(q, k, v, self.heads, bias)  # [(b n), s, c]
-        out = rearrange(out, "(b n) s c -> (b s) n c", n=x.shape[1])
-        return self.to_out(out)
+        return self.to_out(rearrange(out, "(b n) s c -> (b s) n c", n=x.shape[1]))
 
 
 class IntraLayerCrossAttention(nn.Module):

@@ -48,11 +48,12 @@ FULL = {"train_count": 1000, "test_count": 96, "vae_steps": 0, "vae_crop": 0, "u
         "base_steps": 3000, "base_batch": 16, "base_lr": 5e-4, "base_schedule": "cosine", "base_min_snr": 5.0,
         "high_noise_weight": 1.0, "module_steps": 1000, "module_batch": 8, "module_lr": 1e-3,
         "module_schedule": "constant", "eval_steps": 12, "val_count": 32, "ablation_test_count": 48,
-        "smg_scales": "0.25,0.5,1,2", "sag_scales": "0.5,1"}
+        "smg_scales": "0.25,0.5,1,2", "sag_scales": "0.5,1", "mask_follow_prob": 0.5}
 QUICK = {"train_count": 96, "test_count": 6, "vae_steps": 30, "vae_crop": 32, "unet_width": 64, "base_steps": 30,
          "base_batch": 8, "base_lr": 5e-4, "base_schedule": "constant", "base_min_snr": 5.0, "high_noise_weight": 1.0,
          "module_steps": 20, "module_batch": 4, "module_lr": 5e-4, "module_schedule": "constant", "eval_steps": 6,
-         "val_count": 4, "ablation_test_count": 6, "smg_scales": "0.5", "sag_scales": "0.5"}
+         "val_count": 4, "ablation_test_count": 6, "smg_scales": "0.5", "sag_scales": "0.5",
+         "mask_follow_prob": 0.5}
 ABLATIONS = {"full": [], "no_intra": ["--no-intra-layer"], "no_inter": ["--no-inter-layer"],
              "no_enhancer": ["--no-enhancer"]}
 STAGES = ("data", "vae", "base", *ABLATIONS, "tune", "eval", "report")
@@ -215,7 +216,8 @@ class Pipeline:
                             self.weights(name))
             return
         self.train("--checkpoint", self.base, "--train", "modules", "--enhancer-width", ENHANCER_WIDTH,
-                   "--lr-schedule", self.s["module_schedule"], *ABLATIONS[name],
+                   "--lr-schedule", self.s["module_schedule"], "--mask-follow-prob", self.s["mask_follow_prob"],
+                   *ABLATIONS[name],
                    *self.train_args(self.weights(name), name, self.s["module_steps"], self.s["module_batch"],
                                     self.s["module_lr"]))
 
